@@ -1,0 +1,1 @@
+"""Checkpoint conversion CLI; the logic lives in dlmjax.checkpoint."""

@@ -1,0 +1,1 @@
+"""dlmjax: diffusion language models in JAX."""

@@ -1,0 +1,152 @@
+"""The transformer: embed -> lax.scan over stacked layers -> final norm -> LM head. Pure functions on a params pytree.
+
+params = {"embed": [V, D],
+          "layers": {"attn_norm": [NL, D], "wq": [NL, D, Hq, Dh], "wk"/"wv": [NL, D, Hkv, Dh], "wo": [NL, Hq, Dh, D],
+                     ("bq": [NL, Hq, Dh], "bk"/"bv": [NL, Hkv, Dh])  qkv_bias only,
+                     ("q_norm"/"k_norm": [NL, Dh])                    qk_norm only,
+                     "mlp_norm": [NL, D], "w_gate"/"w_up": [NL, D, I], "w_down": [NL, I, D]},
+          "final_norm": [D],
+          ("lm_head": [V, D])  absent when tie_word_embeddings}
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dlmjax.config import ModelConfig
+from dlmjax.model import cache as kv
+from dlmjax.model.layers import F32, apply_rope, attention, dense, rms_norm, rope_tables, swiglu_mlp
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shape of every parameter (the converter checks checkpoints against this)."""
+    nl, d, hq, hkv, dh, i = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                             cfg.intermediate_size)
+    layers = {"attn_norm": (nl, d), "wq": (nl, d, hq, dh), "wk": (nl, d, hkv, dh), "wv": (nl, d, hkv, dh),
+              "wo": (nl, hq, dh, d), "mlp_norm": (nl, d), "w_gate": (nl, d, i), "w_up": (nl, d, i),
+              "w_down": (nl, i, d)}
+    if cfg.qkv_bias:
+        layers.update(bq=(nl, hq, dh), bk=(nl, hkv, dh), bv=(nl, hkv, dh))
+    if cfg.qk_norm:
+        layers.update(q_norm=(nl, dh), k_norm=(nl, dh))
+    shapes = {"embed": (cfg.vocab_size, d), "layers": layers, "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key, std: float = 0.02) -> dict:
+    """Random params: normal(0, std) matrices and biases, ones for norm weights; dtype = cfg.param_dtype."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    dt = jnp.dtype(cfg.param_dtype)
+
+    def make(path, shape, k):
+        name = path[-1].key
+        if name.endswith("norm"):
+            return jnp.ones(shape, dt)
+        return (std * jax.random.normal(k, shape, F32)).astype(dt)
+
+    return jax.tree.unflatten(treedef, [make(p, s, k) for (p, s), k in zip(flat, keys)])
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    return jax.checkpoint(fn, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index):
+    """One pre-norm block. h: [B, L, D]; kc/vc: this layer's cache [B, Lmax, Hkv, Dh] or None.
+
+    Returns the new h and this call's (k, v) [B, L, Hkv, Dh] (post-RoPE, what the cache stores).
+    """
+    dt = h.dtype
+    lp = jax.tree.map(lambda w: w.astype(dt), lp)  # f32 master -> compute dtype, one layer at a time
+    one_round = cfg.family == "sdar"
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps, one_round)
+    q = dense(x, lp["wq"], "bld,dhk->blhk")
+    k = dense(x, lp["wk"], "bld,dhk->blhk")
+    v = dense(x, lp["wv"], "bld,dhk->blhk")
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, one_round)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, one_round)
+    q = apply_rope(q, cos, sin, cfg.rope_full_precision)
+    k = apply_rope(k, cos, sin, cfg.rope_full_precision)
+    if kc is None:
+        k_all, v_all = k, v
+    else:
+        k_all = kv.write_rows(kc, k, cache_index, axis=1)
+        v_all = kv.write_rows(vc, v, cache_index, axis=1)
+    a = attention(q, k_all, v_all, mask)
+    h = h + dense(a, lp["wo"], "blhk,hkd->bld")
+    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps, one_round)
+    h = h + swiglu_mlp(x, lp["w_gate"], lp["w_up"], lp["w_down"])
+    return h, (k, v)
+
+
+def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None):
+    """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache (or None).
+
+    tokens, positions: [B, L] int; mask: [B or 1, L, Lk] bool with Lk = L without cache, Lk = Lmax with a cache
+    (keys are cache slots; this call's tokens are written at slots [cache_index, cache_index + L) first, and only
+    written slots are ever visible).
+    """
+    dt = jnp.dtype(cfg.compute_dtype)
+    h = jnp.take(params["embed"], tokens, axis=0).astype(dt)  # [B, L, D]
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    if cache is not None:
+        if cache_index is None:
+            raise ValueError("hidden_states: a cache needs a cache_index")
+        valid = kv.mark_valid(cache["valid"], tokens.shape[1], cache_index)
+        mask = mask & valid[:, None, :]
+
+    def body(h, xs):
+        lp, kc, vc = xs
+        h, kv_new = _layer(cfg, h, lp, cos, sin, mask, kc, vc, cache_index)
+        return h, kv_new
+
+    body = _remat(body, cfg.remat)
+    xs = (params["layers"], None, None) if cache is None else (params["layers"], cache["k"], cache["v"])
+    h, (k_new, v_new) = jax.lax.scan(body, h, xs)
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "sdar")
+    if cache is None:
+        return h, None
+    new_cache = {"k": kv.write_rows(cache["k"], k_new, cache_index, axis=2),
+                 "v": kv.write_rows(cache["v"], v_new, cache_index, axis=2), "valid": valid}
+    return h, new_cache
+
+
+def lm_head(cfg: ModelConfig, params, h):
+    """Logits [..., V] in the compute dtype (the references return model-dtype logits, spec N1); f32 accumulation."""
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32).astype(h.dtype)
+
+
+def forward(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None):
+    """Logits [B, L, V]; with a cache, (logits, updated cache). See `hidden_states` for the arguments."""
+    h, new_cache = hidden_states(cfg, params, tokens, positions, mask, cache, cache_index)
+    logits = lm_head(cfg, params, h)
+    return logits if cache is None else (logits, new_cache)
+
+
+def shift_logits(logits):
+    """Dream's alignment (spec §1.6): position i is predicted by logits at i-1; position 0 keeps its own.
+
+    Decoders and losses of `logit_shift` families call this; the forward itself never shifts.
+    """
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_jit(cfg: ModelConfig, params, tokens, positions, mask):
+    """Jitted uncached forward (cfg is static: frozen dataclasses hash by value)."""
+    return forward(cfg, params, tokens, positions, mask)

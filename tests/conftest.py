@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.reference import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def imported(tmp_path_factory):
+    """family -> (torch reference model, dlmjax checkpoint dir, raw config); built once per session."""
+    from dlmjax.checkpoint import import_hf
+
+    cache = {}
+
+    def get(family: str, tie: bool = False):
+        key = (family, tie)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{family}{'_tied' if tie else ''}")
+            model, raw, sd = hf_models.build(family, seed=hash(key) % 1000, tie=tie)
+            hf_models.write_hf_dir(str(root / "hf"), raw, sd)
+            import_hf(str(root / "hf"), str(root / "dlmjax"))
+            cache[key] = (model, str(root / "dlmjax"), raw, str(root / "hf"))
+        return cache[key]
+
+    return get
