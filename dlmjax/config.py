@@ -91,6 +91,23 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shape of every parameter of the params pytree (pure Python: the converter needs no JAX)."""
+    nl, d, hq, hkv, dh, i = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                             cfg.intermediate_size)
+    layers = {"attn_norm": (nl, d), "wq": (nl, d, hq, dh), "wk": (nl, d, hkv, dh), "wv": (nl, d, hkv, dh),
+              "wo": (nl, hq, dh, d), "mlp_norm": (nl, d), "w_gate": (nl, d, i), "w_up": (nl, d, i),
+              "w_down": (nl, i, d)}
+    if cfg.qkv_bias:
+        layers.update(bq=(nl, hq, dh), bk=(nl, hkv, dh), bv=(nl, hkv, dh))
+    if cfg.qk_norm:
+        layers.update(q_norm=(nl, dh), k_norm=(nl, dh))
+    shapes = {"embed": (cfg.vocab_size, d), "layers": layers, "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, d)
+    return shapes
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # From a released config.json
 

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from dlmjax.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
+from dlmjax.config import ConfigError, ModelConfig, from_hf_config, param_shapes, to_hf_config
 from dlmjax.checkpoint import naming
 from dlmjax.checkpoint.st_io import (NP_TO_ST, ST_DTYPES, CheckpointError, StreamingWriter, TensorReader,
                                      data_size_bytes, np_dtype)
@@ -74,8 +74,6 @@ def _copy_tokenizer(src_dir: str | None, dst_dir: str):
 
 
 def our_specs(cfg: ModelConfig, dtype: np.dtype) -> list[tuple[str, np.dtype, tuple]]:
-    from dlmjax.model.transformer import param_shapes
-
     return [(k, dtype, tuple(s)) for k, s in naming.flatten_names(param_shapes(cfg)).items()]
 
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from dlmjax.config import ModelConfig
+from dlmjax.config import ModelConfig, param_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,6 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def table(cfg: ModelConfig) -> list[Entry]:
     """The entries present for this config (biases / q-k norms / lm head only where the config has them)."""
-    from dlmjax.model.transformer import param_shapes
-
     shapes = param_shapes(cfg)
     present = set(flatten_names(shapes))
     out = []

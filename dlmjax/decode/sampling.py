@@ -1,0 +1,279 @@
+"""Token samplers and confidence definitions of the dLLM decoders, as pure, jit-compatible JAX functions.
+
+Shapes: logits `[..., V]` (any leading dims, e.g. `[B, K, V]`), tokens/confidences `[...]`. Specs:
+`models_decoders.md` §1.5 (N4 softmax dtype, N5 comparisons, N6 argmax), §6.1-6.3, §8.4; choices in
+notes/decode_rules.md.
+
+Numerics: probabilities are `softmax(f32(logits))` rounded once to the reference's dtype (N4; float64 computes in
+float64 and needs x64). Multi-op confidences (margin, negative entropy) round after every op like torch on half
+types. Randomness: every stochastic function takes a PRNG `key` or the noise itself (`gumbel`, `uniforms`) or the
+sampled `tokens`, so tests can replay the reference's draws (§8.4).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dlmjax.decode.rules import round_to
+
+__all__ = [
+    "probs", "apply_temperature", "top_k_keep", "top_p_keep", "filter_logits", "forbid_token", "greedy",
+    "sample_categorical", "gumbel_argmax_llada", "token_confidence", "max_confidence", "margin_confidence",
+    "neg_entropy_confidence", "clamped_entropy", "sample_llada", "sample_dream", "sample_sdar",
+]
+
+
+def _acc(dtype) -> jnp.dtype:
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _require_x64(what: str) -> None:
+    if jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError(f"{what} needs float64: enable x64 (e.g. `with jax.enable_x64(True):` around tracing)")
+
+
+def _r(x: jax.Array, dtype) -> jax.Array:
+    """Round an accumulation-dtype value to `dtype` and come back (one torch op on a half-type tensor)."""
+    return round_to(x, dtype).astype(x.dtype)
+
+
+def probs(logits: jax.Array, dtype=None) -> jax.Array:
+    """softmax over the last axis, computed in float32 (float64 if dtype is float64), rounded once to `dtype` (N4)."""
+    dtype = jnp.dtype(dtype or logits.dtype)
+    if dtype == jnp.float64:
+        _require_x64("float64 probabilities")
+    return round_to(jax.nn.softmax(logits.astype(_acc(dtype)), axis=-1), dtype)
+
+
+def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
+    """ℓ / T in the logits' dtype; T ≤ 0 or T == 1 leaves ℓ unchanged.
+
+    A Python-float T is applied as torch's CUDA kernel does for a scalar divisor: multiply by the float32 reciprocal
+    1/f32(T) (float64 for float64 logits), one rounding to the logits' dtype. An array T divides."""
+    if isinstance(temperature, (int, float)):
+        if temperature <= 0 or temperature == 1:
+            return logits
+        acc = np.dtype(_acc(logits.dtype))
+        inv = acc.type(1.0) / acc.type(temperature)                      # host constant, not left to XLA
+        return round_to(logits.astype(acc) * inv, logits.dtype)
+    return round_to(logits.astype(_acc(logits.dtype)) / temperature, logits.dtype)
+
+
+def forbid_token(logits: jax.Array, token_id: int | None) -> jax.Array:
+    """Set one token's logit to -inf (the `forbid_mask_token` flag: never sample the mask token; off = reference)."""
+    if token_id is None:
+        return logits
+    return logits.at[..., token_id].set(-jnp.inf)
+
+
+def top_k_keep(logits: jax.Array, k: int | None) -> jax.Array:
+    """Keep-mask of top-k filtering: logits ≥ the k-th largest are kept (ties at the k-th value all kept, like
+    `logits < topk(logits, k)[..., -1]` removal). k None or ≤ 0 keeps everything (SDAR top_k=0 = off)."""
+    if k is None or k <= 0:
+        return jnp.ones(logits.shape, bool)
+    kth = lax.top_k(logits, min(k, logits.shape[-1]))[0][..., -1:]
+    return logits >= kth
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """Monotone map float -> unsigned int (IEEE total order) so thresholds can be searched bit by bit."""
+    ut = {4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), ut)   # -0.0 ties +0.0, as in torch
+    sign = bits >> (8 * x.dtype.itemsize - 1)
+    top = ut(1) << (8 * x.dtype.itemsize - 1)
+    return jnp.where(sign == 1, ~bits, bits | top)
+
+
+def top_p_keep(logits: jax.Array, top_p: float | None, *, prob_dtype=None) -> jax.Array:
+    """Keep-mask of nucleus filtering with the references' shifted-removal rule, without a vocabulary sort.
+
+    Reference (Dream / SDAR): sort logits descending, p = softmax rounded to `prob_dtype` (default: the logits'
+    dtype), cum = cumsum(p) (float32 partial sums rounded to prob_dtype), remove sorted token j iff cum[j-1] > top_p
+    (compared in prob_dtype); the top token is always kept. Equivalently token i is kept iff the mass of the tokens
+    before it in (logit descending, index ascending) order stays ≤ top_p. A bisection over the logits' order keys
+    finds the last removed logit value (32/64 masked reductions); exact logit ties at the boundary are resolved by
+    index with one cumulative count. top_p None or ≥ 1 keeps everything; an array top_p (scalar or per row `[...]`)
+    is traced (then ≥ 1 keeps everything through the same search).
+    """
+    if top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1):
+        return jnp.ones(logits.shape, bool)
+    pd = jnp.dtype(prob_dtype or logits.dtype)
+    acc = _acc(pd)
+    p = probs(logits, pd).astype(acc)                                    # [..., V] rounded probabilities
+    p_t = jnp.asarray(top_p, dtype=pd) if isinstance(top_p, (int, float)) else round_to(jnp.asarray(top_p), pd)
+    key = _order_key(logits.astype(jnp.float64 if logits.dtype == jnp.float64 else jnp.float32))
+    ut = key.dtype
+    nbits = 8 * ut.itemsize
+
+    def too_much(kl):                                                    # round(mass of logits > kl) > top_p
+        mass = jnp.sum(jnp.where(key > kl[..., None], p, 0.0), axis=-1)
+        return round_to(mass, pd) > p_t
+
+    def body(i, lo_hi):                                                  # invariant: too_much(lo), not too_much(hi)
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // ut.type(2)
+        t = too_much(mid)
+        return jnp.where(t, mid, lo), jnp.where(t, hi, mid)
+
+    lo0 = jnp.zeros(logits.shape[:-1], ut)
+    hi0 = jnp.full(logits.shape[:-1], jnp.iinfo(ut).max, ut)
+    lo, _ = lax.fori_loop(0, nbits, body, (lo0, hi0))
+    keep_all = ~too_much(lo0)                                            # even the whole vocabulary fits in top_p
+    above = key > lo[..., None]                                          # kept except for ties at the boundary
+    k_star = jnp.min(jnp.where(above, key, jnp.array(jnp.iinfo(ut).max, ut)), axis=-1, keepdims=True)
+    tie = key == k_star                                                  # equal logits: equal probabilities
+    p_star = jnp.max(jnp.where(tie, p, 0.0), axis=-1, keepdims=True)
+    mass_star = jnp.sum(jnp.where(key > k_star, p, 0.0), axis=-1, keepdims=True)
+    before = jnp.cumsum(tie.astype(jnp.int32), axis=-1) - tie            # earlier ties (lower index first)
+    p_tv = p_t[..., None] if p_t.ndim else p_t
+    tie_ok = round_to(mass_star + before.astype(acc) * p_star, pd) <= p_tv
+    return (key > k_star) | (tie & tie_ok) | keep_all[..., None]
+
+
+def filter_logits(logits: jax.Array, *, temperature=None, top_k=None, top_p=None, top_p_first: bool = True,
+                  prob_dtype=None, forbid: int | None = None) -> jax.Array:
+    """Temperature, then top-p and top-k in the reference's order (Dream: top-p then top-k; SDAR generate.py and
+    jetengine: top-k then top-p); removed logits become -inf (Dream writes finfo.min: same probabilities).
+    `forbid` sets that token's logit to -inf first (off by default, as in the references)."""
+    x = apply_temperature(forbid_token(logits, forbid), temperature if temperature is not None else 1.0)
+    ninf = jnp.asarray(-jnp.inf, x.dtype)
+    steps = ["p", "k"] if top_p_first else ["k", "p"]
+    for s in steps:
+        keep = top_p_keep(x, top_p, prob_dtype=prob_dtype) if s == "p" else top_k_keep(x, top_k)
+        x = jnp.where(keep, x, ninf)
+    return x
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """argmax over the vocabulary, first index on ties (N6)."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _need_one(**kw):
+    given = [k for k, v in kw.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of {', '.join(kw)} (got {given or 'none'})")
+    return given[0]
+
+
+def sample_categorical(logits: jax.Array, *, key=None, gumbel=None, tokens=None) -> jax.Array:
+    """One draw from softmax(ℓ) per row: Gumbel-max on float32 logits (-inf never drawn), or replayed `gumbel`
+    noise `[..., V]`, or externally sampled `tokens` `[...]` returned as they are."""
+    which = _need_one(key=key, gumbel=gumbel, tokens=tokens)
+    if which == "tokens":
+        return jnp.asarray(tokens).astype(jnp.int32)
+    g = gumbel if which == "gumbel" else jax.random.gumbel(key, logits.shape, jnp.float32)
+    return jnp.argmax(logits.astype(jnp.float32) + g.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+
+def gumbel_argmax_llada(logits: jax.Array, temperature: float, *, key=None, uniforms=None,
+                        float64: bool = True) -> jax.Array:
+    """LLaDA `add_gumbel_noise` + argmax: T == 0 → argmax ℓ; else argmax exp(ℓ64) / (-log u)^T with float64 u.
+
+    float64=True needs x64 (`jax.enable_x64`). float64=False is the float32 fallback argmax(ℓ - T·log(-log u)):
+    the same draw in exact arithmetic, but rounding can pick a different token where two scores nearly tie.
+    """
+    if temperature == 0:
+        return greedy(logits)
+    _need_one(key=key, uniforms=uniforms)
+    if float64:
+        _require_x64("LLaDA's float64 Gumbel path")
+        u = jnp.asarray(uniforms, jnp.float64) if uniforms is not None else \
+            jax.random.uniform(key, logits.shape, jnp.float64)
+        score = jnp.exp(logits.astype(jnp.float64)) / (-jnp.log(u)) ** temperature
+    else:
+        u = jnp.asarray(uniforms).astype(jnp.float32) if uniforms is not None else \
+            jax.random.uniform(key, logits.shape, jnp.float32)
+        score = logits.astype(jnp.float32) - temperature * jnp.log(-jnp.log(u))
+    return jnp.argmax(score, axis=-1).astype(jnp.int32)
+
+
+def token_confidence(logits: jax.Array, tokens: jax.Array, dtype=None) -> jax.Array:
+    """p[token] with p = softmax rounded to `dtype` (LLaDA bf16 untempered, Fast-dLLM float64, SDAR fp16 filtered)."""
+    p = probs(logits, dtype)
+    return jnp.take_along_axis(p, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def max_confidence(logits: jax.Array, dtype=None):
+    """(max p, first argmax of p) on the rounded probabilities: Dream T == 0 `probs.max(-1)`. Two tokens whose
+    probabilities round to the same value tie even when their logits differ; the lower index wins."""
+    p = probs(logits, dtype)
+    idx = jnp.argmax(p, axis=-1).astype(jnp.int32)
+    return jnp.max(p, axis=-1), idx
+
+
+def margin_confidence(logits: jax.Array, dtype=None) -> jax.Array:
+    """p_(1) - p_(2) of the rounded probabilities, the difference rounded to `dtype` (Dream topk_margin)."""
+    p = probs(logits, dtype)
+    top2 = lax.top_k(p, 2)[0].astype(_acc(p.dtype))
+    return round_to(top2[..., 0] - top2[..., 1], p.dtype)
+
+
+def neg_entropy_confidence(logits: jax.Array, dtype=None, eps: float = 1e-10) -> jax.Array:
+    """Σ p·log(p + eps) (negative entropy, higher = more confident; Dream `entropy`), with torch's per-op rounding
+    in `dtype`: p + eps, log, product each rounded; the sum accumulates in float32 and is rounded once."""
+    p = probs(logits, dtype)
+    dt = p.dtype
+    pa = p.astype(_acc(dt))
+    log_p = _r(jnp.log(_r(pa + eps, dt)), dt)
+    return round_to(jnp.sum(_r(pa * log_p, dt), axis=-1), dt)
+
+
+def clamped_entropy(p: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """jetengine `entropy_bounded` entropy: -Σ max(p, eps)·log(max(p, eps)) over the filtered probabilities."""
+    dt = p.dtype
+    pc = jnp.maximum(p.astype(_acc(dt)), _r(jnp.asarray(eps, _acc(dt)), dt))
+    return round_to(-jnp.sum(_r(pc * _r(jnp.log(pc), dt), dt), axis=-1), dt)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-reference compositions
+
+def sample_llada(logits, *, temperature: float = 0.0, conf_dtype=None, key=None, uniforms=None,
+                 float64: bool = True, forbid: int | None = None):
+    """LLaDA / Fast-dLLM-LLaDA candidate and confidence: x0 = Gumbel argmax (float64 path when T > 0), confidence =
+    softmax(ℓ)[x0] of the *untempered* logits in `conf_dtype` (default logits' dtype = bf16 original; pass float64
+    for Fast-dLLM and the SLIM LLaDA port). Returns (x0, conf)."""
+    x = forbid_token(logits, forbid)
+    x0 = gumbel_argmax_llada(x, temperature, key=key, uniforms=uniforms, float64=float64)
+    return x0, token_confidence(x, x0, conf_dtype)
+
+
+def sample_dream(logits, *, temperature: float = 0.0, top_p=None, top_k=None, alg: str = "maskgit_plus",
+                 dtype=None, key=None, gumbel=None, tokens=None, forbid: int | None = None):
+    """Dream `sample_tokens`, everything in `dtype` (default: the logits' dtype, bf16 in Dream; float32 for the SLIM
+    Dream port's `logits.float()`): ℓ/T (T > 0), top-p then top-k, p = softmax; T > 0: x0 ~ p and c = p[x0];
+    T == 0: (c, x0) = max p (first index). alg 'topk_margin' → c = p1 - p2, 'entropy' → c = Σ p log(p + 1e-10);
+    'origin'/'maskgit_plus' keep c. `temperature` is a Python float. Returns (conf, x0)."""
+    if alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
+        raise ValueError(f"unknown Dream alg {alg!r}")
+    dtype = jnp.dtype(dtype or logits.dtype)
+    x = filter_logits(logits.astype(dtype), temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
+                      top_p_first=True, prob_dtype=dtype, forbid=forbid)
+    if temperature > 0:
+        x0 = sample_categorical(x, key=key, gumbel=gumbel, tokens=tokens)
+        conf = token_confidence(x, x0, dtype)
+    else:
+        conf, x0 = max_confidence(x, dtype)
+    if alg == "topk_margin":
+        conf = margin_confidence(x, dtype)
+    elif alg == "entropy":
+        conf = neg_entropy_confidence(x, dtype)
+    return conf, x0
+
+
+def sample_sdar(logits, *, temperature: float = 1.0, top_k: int | None = 0, top_p: float | None = 1.0,
+                dtype=None, key=None, gumbel=None, tokens=None, greedy_decode: bool = False,
+                forbid: int | None = None):
+    """SDAR/TraDo `sample`, everything in `dtype` (default: the logits' dtype, fp16 in generate.py; jetengine, same
+    order with float32 probabilities: dtype=float32): ℓ/T, top-k then top-p, p = softmax, x0 ~ p, p0 = p[x0].
+    greedy_decode (A6, no reference mode): x0 = argmax ℓ, p0 = untempered softmax(ℓ)[x0]. Returns (x0, p0)."""
+    x = forbid_token(logits.astype(dtype or logits.dtype), forbid)
+    if greedy_decode:
+        x0 = greedy(x)
+        return x0, token_confidence(x, x0, dtype)
+    x = filter_logits(x, temperature=temperature, top_k=top_k, top_p=top_p, top_p_first=False, prob_dtype=dtype)
+    x0 = sample_categorical(x, key=key, gumbel=gumbel, tokens=tokens)
+    return x0, token_confidence(x, x0, dtype)

@@ -1,0 +1,99 @@
+"""Plain-Python re-statements of the reference decoding loops, driving a `transformers` model one row at a time.
+
+Written from the spec (slimrl_tracerl.md §0.2, models_decoders.md §6.3), never from dlmjax. The SDAR loop runs the
+model without a cache on the committed prefix + the current block under the block-causal mask; that equals the
+cached reference because SDAR's cache is exact (spec §4.4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.reference import hf_models as R
+from tests.reference import np_rules as NR
+
+
+def _filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """SDAR/jetengine sampler: ℓ/T, top-k (values below the k-th largest -> -inf), top-p (shifted removal), softmax,
+    float32 throughout. logits: [K, V] float32."""
+    x = logits.astype(np.float32)
+    if temperature != 1.0:
+        x = x / np.float32(temperature)
+    if top_k and top_k > 0:
+        kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        srt = np.take_along_axis(x, order, -1)
+        p = np.exp(srt - srt.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+        remove = np.cumsum(p, -1) > top_p
+        remove[:, 1:] = remove[:, :-1].copy()
+        remove[:, 0] = False
+        rm = np.zeros_like(remove)
+        np.put_along_axis(rm, order, remove, -1)
+        x = np.where(rm, -np.inf, x)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def sdar_block_decode(model, prompt, *, block, steps, max_new, rule, tau=0.9, m=1.0, greedy=True, temperature=1.0,
+                      top_k=0, top_p=1.0, mask_id, stop_ids=(), forbid_mask=False, seed=0):
+    """One prompt. Returns dict(tokens (completion, cut after the first stop id / max_new), step_map, n_denoise,
+    n_save, sampled (list of [K] candidate arrays per denoising step, to replay))."""
+    gen = torch.Generator().manual_seed(seed)
+    lp = len(prompt)
+    total = -(-(lp + max_new) // block) * block
+    x = np.full(total, mask_id, np.int64)
+    x[:lp] = prompt
+    step_map = np.zeros(total, np.int64)
+    sched = [block // steps + (i < block % steps) for i in range(steps)]
+    n_denoise = n_save = 0
+    sampled = []
+    blk = lp // block
+    while True:
+        start, end = blk * block, (blk + 1) * block
+        for step in range(steps + 1):
+            masked = x[start:end] == mask_id
+            if not masked.any() or step == steps:
+                n_save += 1  # the forward that writes the finished block's K/V (no logits used)
+                break
+            seq = x[:end][None]
+            allowed = R.block_causal_allowed(np.ones((1, end), bool), block)
+            logits = R.hf_logits(model, seq, allowed)[0, start:end]  # [K, V]
+            n_denoise += 1
+            if forbid_mask:
+                logits[:, mask_id] = -np.inf
+            if greedy:
+                x0 = logits.argmax(-1)
+                p = NR.softmax(logits, np.float32)
+            else:
+                p = _filtered_probs(logits, temperature, top_k, top_p)
+                x0 = torch.multinomial(torch.from_numpy(p), 1, generator=gen)[:, 0].numpy()
+            sampled.append(x0.copy())
+            conf = np.where(masked, p[np.arange(block), x0], -np.inf).astype(np.float32)[None]
+            n = np.array([sched[step]])
+            if rule == "static":
+                sel = NR.top_n(conf, masked[None], n)
+            elif rule == "dynamic":
+                sel = NR.dynamic_threshold(conf, masked[None], n, tau)
+            elif rule == "tau_budget":
+                sel = NR.tau_budget(conf, masked[None], n, tau, m=m)
+            else:
+                sel = NR.sequential(masked[None], n)
+            sel = sel[0] & masked
+            x[start:end][sel] = x0[sel]
+            step_map[start:end][sel] = n_denoise
+        comp = x[lp:end]
+        if any(t in stop_ids for t in comp) or end >= lp + max_new:
+            break
+        blk += 1
+    comp = x[lp:lp + max_new]
+    sm = step_map[lp:lp + max_new]
+    cut = max_new
+    for i, t in enumerate(comp):
+        if t in stop_ids:
+            cut = i + 1
+            break
+    return dict(tokens=comp[:cut], step_map=sm[:cut], n_denoise=n_denoise, n_save=n_save, sampled=sampled)
