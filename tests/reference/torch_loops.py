@@ -97,3 +97,51 @@ def sdar_block_decode(model, prompt, *, block, steps, max_new, rule, tau=0.9, m=
             cut = i + 1
             break
     return dict(tokens=comp[:cut], step_map=sm[:cut], n_denoise=n_denoise, n_save=n_save, sampled=sampled)
+
+
+def llada_generate(model, prompt, valid, *, gen, block, steps, rule, mask_id, tau=0.9, m=1.0, factor=1.0,
+                   temperature=0.0, conf_dtype=np.float32, uniforms=None):
+    """LLaDA generate (spec §6.1) for one left-padded row; rules of §6.4.1 and the SLIM-RL port (§0.3).
+
+    uniforms: per-step noise (float64 [block, V] Gumbel uniforms, or float32 [block] for random remasking).
+    Returns dict(tokens [gen], step_map [gen], n_forward)."""
+    lp = len(prompt)
+    x = np.concatenate([np.asarray(prompt, np.int64), np.full(gen, mask_id, np.int64)])
+    val = np.concatenate([np.asarray(valid, bool), np.ones(gen, bool)])
+    step_map = np.zeros(lp + gen, np.int64)
+    s = steps // (gen // block)
+    t = 0
+    for k in range(gen // block):
+        a, e = lp + k * block, lp + (k + 1) * block
+        r = int((x[a:e] == mask_id).sum())
+        i = 0
+        max_steps = s if rule in ("low_confidence", "random") else block
+        while (x[a:e] == mask_id).any() and i < max_steps:
+            logits = R.hf_logits(model, x[None], R.llada_allowed(val[None]))[0, a:e].astype(np.float64)
+            if temperature > 0:
+                score = np.exp(logits) / (-np.log(uniforms[t])) ** temperature
+                x0 = score.argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            masked = (x[a:e] == mask_id)[None]
+            n = np.array([r // s + (min(i, s - 1) < r % s)])
+            if rule == "random":
+                conf = np.asarray(uniforms[t], np.float32)[None]
+                sel = NR.top_n(conf, masked, n)
+            else:
+                p = NR.softmax(logits.astype(conf_dtype), conf_dtype)
+                conf = np.where(masked[0], p[np.arange(block), x0], -np.inf).astype(conf_dtype)[None]
+                if rule == "low_confidence":
+                    sel = NR.top_n(conf, masked, n)
+                elif rule == "fast_dllm_threshold":
+                    sel = NR.fast_dllm_threshold(conf, masked, tau)
+                elif rule == "fast_dllm_factor":
+                    sel = NR.fast_dllm_factor(conf, masked, factor)
+                else:
+                    sel = NR.tau_budget(conf, masked, n, tau, m=m)
+            sel = sel[0] & masked[0]
+            t += 1
+            x[a:e][sel] = x0[sel]
+            step_map[a:e][sel] = t
+            i += 1
+    return dict(tokens=x[lp:], step_map=step_map[lp:], n_forward=t)

@@ -1,0 +1,185 @@
+"""The decode job: a JSONL of prompts -> batched jitted decoding -> a JSONL of completions with step maps and stats.
+
+Input lines: {"prompt": text} (through the checkpoint's tokenizer and chat template) or {"prompt_ids": [ints]}.
+Every line is parsed and validated before any decoding starts; an error names the file and the line. Results are
+appended to `<out>.partial` batch by batch (flushed) and renamed to `<out>` at the end, so an interrupted run keeps
+every finished batch and never leaves a truncated `<out>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from dlmjax.checkpoint import load_checkpoint
+from dlmjax.decode.llada import LLaDADecodeConfig
+from dlmjax.decode.llada import generate as llada_generate
+from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
+
+DECODERS = ("sdar", "llada")
+
+
+class PromptError(ValueError):
+    """A malformed prompts file; the message names the file and the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeJobConfig:
+    ckpt: str
+    prompts: str
+    out: str
+    decoder: str  # sdar | llada
+    batch_size: int = 8
+    seed: int = 0
+    chat_template: bool = True
+    length_bucket: int = 16  # prompt widths are padded up to a multiple of this (fewer compilations)
+    dtype: str = "float32"  # params + compute dtype
+
+    def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"--decoder={self.decoder!r} is not one of {DECODERS}")
+        if self.batch_size <= 0:
+            raise ValueError("--batch_size must be positive")
+
+
+def read_prompts(path: str, tokenizer, chat_template: bool, vocab_size: int) -> list[tuple[str | None, list[int]]]:
+    """[(text or None, ids)] for every line; blank lines are skipped."""
+    out = []
+    try:
+        f = open(path)
+    except OSError as e:
+        raise PromptError(f"{path}: cannot open prompts file ({e.strerror})") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_ids" in rec):
+                raise PromptError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
+            if "prompt_ids" in rec:
+                ids = rec["prompt_ids"]
+                if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in ids)):
+                    raise PromptError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+                out.append((None, ids))
+                continue
+            text = rec["prompt"]
+            if not isinstance(text, str):
+                raise PromptError(f"{where}: 'prompt' must be a string")
+            if tokenizer is None:
+                raise PromptError(f"{where}: text prompt but the checkpoint has no tokenizer files; use 'prompt_ids'")
+            if chat_template:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise PromptError(f"{where}: the checkpoint's tokenizer has no chat template; pass "
+                                      "--nochat_template or use 'prompt_ids'")
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            else:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append((text, ids))
+    if not out:
+        raise PromptError(f"{path}: no prompts")
+    return out
+
+
+def _load_tokenizer(ckpt: str):
+    if not any(os.path.exists(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+def _pack(batch: list[list[int]], width: int, pad: int, left: bool):
+    arr = np.full((len(batch), width), pad, np.int32)
+    valid = np.zeros((len(batch), width), bool)
+    for i, ids in enumerate(batch):
+        if left:
+            arr[i, width - len(ids):], valid[i, width - len(ids):] = ids, True
+        else:
+            arr[i, :len(ids)], valid[i, :len(ids)] = ids, True
+    return arr, valid
+
+
+def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
+    """Decode every prompt; returns the summary dict (also printed as one line)."""
+    from tqdm import tqdm
+
+    cfg, params = load_checkpoint(job.ckpt, dtype=job.dtype, compute_dtype=job.dtype)
+    if cfg.mask_token_id is None:
+        raise ValueError(f"{job.ckpt}: config has no mask_token_id; the {job.decoder} decoder needs a dLLM "
+                         f"checkpoint (family {cfg.family})")
+    if job.decoder == "sdar" and not decode_cfg.stop_ids and cfg.eos_token_id is not None:
+        decode_cfg = dataclasses.replace(decode_cfg, stop_ids=(cfg.eos_token_id,))  # default: stop at EOS
+    tok = _load_tokenizer(job.ckpt)
+    prompts = read_prompts(job.prompts, tok, job.chat_template, cfg.vocab_size)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id or 0
+    key = jax.random.key(job.seed)
+    partial = job.out + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
+    totals = dict(tokens=0, forwards=0, tpf=[], ewc=[], seconds=0.0)
+    with open(partial, "w") as f, tqdm(total=len(prompts), desc=f"decode[{job.decoder}]", unit="prompt") as bar:
+        for b0 in range(0, len(prompts), job.batch_size):
+            chunk = prompts[b0:b0 + job.batch_size]
+            ids = [c[1] for c in chunk]
+            ids += [ids[0]] * (job.batch_size - len(ids))  # static batch: pad with copies, dropped below
+            width = -(-max(map(len, ids)) // job.length_bucket) * job.length_bucket
+            t0 = time.perf_counter()
+            if job.decoder == "sdar":
+                arr, _ = _pack(ids, width, pad, left=False)
+                res = block_generate(cfg, decode_cfg, params, arr, np.array([len(i) for i in ids], np.int32),
+                                     jax.random.fold_in(key, b0))
+                fwd = np.asarray(res["n_denoise"]) + np.asarray(res["n_save"])
+            else:
+                arr, valid = _pack(ids, width, pad, left=True)
+                res = llada_generate(cfg, decode_cfg, params, arr, valid, jax.random.fold_in(key, b0))
+                fwd = np.asarray(res["n_forward"])
+            res = jax.device_get(res)
+            dt = time.perf_counter() - t0
+            lengths = res["lengths"] if "lengths" in res else np.full(len(ids), res["tokens"].shape[1])
+            for i, (text, pid) in enumerate(chunk):
+                n = int(lengths[i])
+                toks = res["tokens"][i, :n].tolist()
+                rec = {"index": b0 + i, "prompt": text, "prompt_ids": pid, "ids": toks,
+                       "text": tok.decode(toks, skip_special_tokens=True) if tok is not None else None,
+                       "step_map": res["step_map"][i, :n].tolist(), "tpf": float(res["tpf"][i]),
+                       "expected_wrong_commits": float(res["ewc"][i]), "forwards": int(fwd[i])}
+                if "n_denoise" in res:
+                    rec.update(denoise_forwards=int(res["n_denoise"][i]), cache_forwards=int(res["n_save"][i]))
+                f.write(json.dumps(rec) + "\n")
+                totals["tokens"] += n
+                totals["forwards"] += int(fwd[i])
+                totals["tpf"].append(rec["tpf"])
+                totals["ewc"].append(rec["expected_wrong_commits"])
+            f.flush()
+            totals["seconds"] += dt
+            bar.update(len(chunk))
+            bar.set_postfix(tpf=f"{np.mean(totals['tpf']):.2f}", tok_s=f"{totals['tokens'] / totals['seconds']:.1f}")
+    os.replace(partial, job.out)
+    summary = {"prompts": len(prompts), "mean_tpf": float(np.mean(totals["tpf"])),
+               "mean_expected_wrong_commits": float(np.mean(totals["ewc"])),
+               "tokens_per_s": totals["tokens"] / totals["seconds"],
+               "forwards_per_s": totals["forwards"] / totals["seconds"], "seconds": totals["seconds"],
+               "out": job.out}
+    log("decode summary: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
+    return summary
+
+
+def decoder_config(decoder: str, **kw):
+    """Frozen decoder config from flag values (unknown combinations raise with the flag's name)."""
+    if decoder == "sdar":
+        return BlockDecodeConfig(**kw)
+    return LLaDADecodeConfig(**kw)
