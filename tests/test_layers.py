@@ -84,3 +84,22 @@ def test_rms_norm_rounding_styles():
     np.testing.assert_array_equal(o2, ref_two)
     np.testing.assert_array_equal(o1, ref_one)
     assert (o1 != o2).any()  # the two styles really differ in bf16 (spec N2)
+
+
+def test_chunked_attention_equals_full_under_causal_and_block_masks():
+    from dlmjax.model.layers import chunked_attention
+
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(2, 24, 4, 8)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, 24, 2, 8)).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=(2, 24, 2, 8)).astype(np.float32))
+    i = np.arange(24)
+    causal = np.tril(np.ones((24, 24), bool))[None] & (rng.random((2, 1, 24)) < 0.8)
+    block = ((i[None, :] // 4) <= (i[:, None] // 4))[None]  # blocks of 4 divide the chunk of 8
+    for m in (causal, block):
+        full = np.asarray(attention(q, k, v, jnp.asarray(m)))
+        np.testing.assert_allclose(np.asarray(chunked_attention(q, k, v, jnp.asarray(m), 8)), full, atol=1e-6)
+    # the promise matters: a bidirectional mask is not causal, and chunking then gives a different result
+    bi = np.ones((1, 24, 24), bool)
+    assert np.abs(np.asarray(chunked_attention(q, k, v, jnp.asarray(bi), 8)) -
+                  np.asarray(attention(q, k, v, jnp.asarray(bi)))).max() > 1e-3

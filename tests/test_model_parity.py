@@ -1,5 +1,7 @@
 """Our forward vs `transformers` Llama / Qwen2 / Qwen3 holding the same weights, with the family's mask (spec §9.1)."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,8 +99,7 @@ def test_bf16_argmax_agrees(family, imported):
     model, ckpt, raw, _ = imported(family)
     tokens, valid = _batch(raw.get("vocab_size") or raw["embedding_size"], seed=1)
     ref32 = _reference(family, model, tokens, valid)
-    ref16 = _reference(family, model.to(torch.bfloat16), tokens, valid)
-    model.to(torch.float32)
+    ref16 = _reference(family, copy.deepcopy(model).to(torch.bfloat16), tokens, valid)  # never touch the shared model
     _, ours = _ours(ckpt, tokens, valid, dtype="bfloat16")
     rows = _rows(family, valid)
     top2 = np.sort(ref32, axis=-1)[..., -2:]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig, param_shapes
 from dlmjax.model import cache as kv
-from dlmjax.model.layers import F32, apply_rope, attention, dense, rms_norm, rope_tables, swiglu_mlp
+from dlmjax.model.layers import F32, apply_rope, chunked_attention, dense, rms_norm, rope_tables, swiglu_mlp
 
 
 def init_params(cfg: ModelConfig, key, std: float = 0.02) -> dict:
@@ -45,7 +45,7 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
-def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index):
+def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index, causal_chunk: int = 0):
     """One pre-norm block. h: [B, L, D]; kc/vc: this layer's cache [B, Lmax, Hkv, Dh] or None.
 
     Returns the new h and this call's (k, v) [B, L, Hkv, Dh] (post-RoPE, what the cache stores).
@@ -69,19 +69,34 @@ def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index):
     else:
         k_all = kv.write_rows(kc, k, cache_index, axis=1)
         v_all = kv.write_rows(vc, v, cache_index, axis=1)
-    a = attention(q, k_all, v_all, mask)
+    a = chunked_attention(q, k_all, v_all, mask, causal_chunk)
     h = h + dense(a, lp["wo"], "blhk,hkd->bld")
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps, one_round)
     h = h + swiglu_mlp(x, lp["w_gate"], lp["w_up"], lp["w_down"])
     return h, (k, v)
 
 
-def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None):
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+def _to_bits(tree):
+    """Half-precision leaves as uint16 bit patterns. Scanning over bf16 stacks makes XLA:CPU hoist an f32 convert of
+    the whole [NL, ...] stack out of the loop on every call; scanning over the bits avoids it (bit-identical)."""
+    return jax.tree.map(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype in _HALF else w, tree)
+
+
+def _from_bits(tree, dtype):
+    return jax.tree.map(lambda w: jax.lax.bitcast_convert_type(w, dtype) if w.dtype == jnp.uint16 else w, tree)
+
+
+def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None,
+                  causal_chunk: int = 0):
     """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache (or None).
 
     tokens, positions: [B, L] int; mask: [B or 1, L, Lk] bool with Lk = L without cache, Lk = Lmax with a cache
     (keys are cache slots; this call's tokens are written at slots [cache_index, cache_index + L) first, and only
-    written slots are ever visible).
+    written slots are ever visible). causal_chunk > 0 (static) promises that no query sees a key at or beyond the
+    end of its chunk of that many positions (causal / block-causal masks, no cache): attention skips those keys.
     """
     dt = jnp.dtype(cfg.compute_dtype)
     h = jnp.take(params["embed"], tokens, axis=0).astype(dt)  # [B, L, D]
@@ -92,13 +107,23 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
         valid = kv.mark_valid(cache["valid"], tokens.shape[1], cache_index)
         mask = mask & valid[:, None, :]
 
+    half = {w.dtype for w in jax.tree.leaves(params["layers"]) if w.dtype in _HALF}
+    if len(half) > 1:
+        raise ValueError(f"layer params mix half dtypes {sorted(map(str, half))}")
+    half_dt = half.pop() if half else None
+    cache_dt = None if cache is None else cache["k"].dtype
+
     def body(h, xs):
         lp, kc, vc = xs
-        h, kv_new = _layer(cfg, h, lp, cos, sin, mask, kc, vc, cache_index)
+        lp = _from_bits(lp, half_dt) if half_dt is not None else lp
+        if kc is not None and kc.dtype == jnp.uint16:
+            kc, vc = jax.lax.bitcast_convert_type(kc, cache_dt), jax.lax.bitcast_convert_type(vc, cache_dt)
+        h, kv_new = _layer(cfg, h, lp, cos, sin, mask, kc, vc, cache_index, causal_chunk)
         return h, kv_new
 
     body = _remat(body, cfg.remat)
-    xs = (params["layers"], None, None) if cache is None else (params["layers"], cache["k"], cache["v"])
+    layers = _to_bits(params["layers"])
+    xs = (layers, None, None) if cache is None else (layers, *_to_bits((cache["k"], cache["v"])))
     h, (k_new, v_new) = jax.lax.scan(body, h, xs)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "sdar")
     if cache is None:
@@ -114,9 +139,9 @@ def lm_head(cfg: ModelConfig, params, h):
     return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=F32).astype(h.dtype)
 
 
-def forward(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None):
+def forward(cfg: ModelConfig, params, tokens, positions, mask, cache=None, cache_index=None, causal_chunk: int = 0):
     """Logits [B, L, V]; with a cache, (logits, updated cache). See `hidden_states` for the arguments."""
-    h, new_cache = hidden_states(cfg, params, tokens, positions, mask, cache, cache_index)
+    h, new_cache = hidden_states(cfg, params, tokens, positions, mask, cache, cache_index, causal_chunk)
     logits = lm_head(cfg, params, h)
     return logits if cache is None else (logits, new_cache)
 
@@ -129,7 +154,7 @@ def shift_logits(logits):
     return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def forward_jit(cfg: ModelConfig, params, tokens, positions, mask):
-    """Jitted uncached forward (cfg is static: frozen dataclasses hash by value)."""
-    return forward(cfg, params, tokens, positions, mask)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def forward_jit(cfg: ModelConfig, params, tokens, positions, mask, causal_chunk: int = 0):
+    """Jitted uncached forward (cfg and causal_chunk are static: frozen dataclasses hash by value)."""
+    return forward(cfg, params, tokens, positions, mask, causal_chunk=causal_chunk)

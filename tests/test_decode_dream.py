@@ -1,0 +1,259 @@
+"""Dream diffusion_generate (one jit) vs a plain-Python PyTorch re-statement of the reference loop."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from dlmjax.checkpoint import load_checkpoint
+from dlmjax.decode import dream as D
+from dlmjax.decode import sampling
+from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
+from tests.reference import torch_dream as TD
+
+PROMPTS = [[3, 17, 22, 9, 41], [8, 8, 30, 2, 11, 60, 7, 19], [50, 4]]  # left-padded to P = 8
+P, G, STEPS = 8, 12, 6  # schedule k = 1, 2, 2, 2, 2, 3
+SHARPEN = 5.0  # lm-head scale: a random model is too unsure for thresholds to matter; this makes TPF > 1
+
+
+@pytest.fixture(scope="module")
+def dream(imported):
+    model, ckpt, raw, _ = imported("dream")
+    cfg, params = load_checkpoint(ckpt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: 2 OpenMP threads on 2 shared cores are ~50x slower here
+    yield _scaled_torch(model, None, SHARPEN), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
+    torch.set_num_threads(threads)
+
+
+def _scaled_torch(model, row, factor):
+    """A copy of the torch model with its lm-head (or one row of it) scaled."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        if row is None:
+            m.lm_head.weight *= factor
+        else:
+            m.lm_head.weight[row] *= factor
+    return m
+
+
+def _batch(prompts, p=P):
+    ids = np.zeros((len(prompts), p), np.int32)
+    valid = np.zeros((len(prompts), p), bool)
+    for i, pr in enumerate(prompts):
+        ids[i, p - len(pr):] = pr
+        valid[i, p - len(pr):] = True
+    return ids, valid
+
+
+def _ref_kwargs(dc: DreamDecodeConfig):
+    return dict(max_new=dc.max_new_tokens, steps=dc.steps, eps=dc.eps, alg=dc.alg, alg_temp=dc.alg_temp,
+                temperature=dc.temperature, top_p=dc.top_p, top_k=dc.top_k, rule=dc.rule, tau=dc.tau,
+                m=dc.budget_m, forbid_mask=dc.forbid_mask_token)
+
+
+def _run(cfg, dc, params, prompts, replay=None, key=0, lengths=False):
+    ids, valid = _batch(prompts)
+    pv = valid.sum(1).astype(np.int32) if lengths else valid
+    rp = None if replay is None else {k: jnp.asarray(v) for k, v in replay.items()}
+    return jax.device_get(diffusion_generate(cfg, dc, params, jnp.asarray(ids), jnp.asarray(pv),
+                                             jax.random.key(key), rp))
+
+
+def _check(ours, ref):
+    np.testing.assert_array_equal(ours["tokens"], ref["tokens"])
+    np.testing.assert_array_equal(ours["step_map"], ref["step_map"])
+    np.testing.assert_allclose(ours["conf"], ref["conf"], atol=1e-4)
+
+
+def _recount(out, dc):
+    """TPF, expected wrong commits and per-step counts from the step map and confidences (slimrl_tracerl.md §0.4)."""
+    for i in range(out["tokens"].shape[0]):
+        sm, conf = out["step_map"][i], out["conf"][i]
+        dec = sm > 0
+        tpf = dec.sum() / len(set(sm[dec].tolist())) if dec.any() else 0.0
+        assert np.isclose(out["tpf"][i], tpf)
+        assert np.isclose(out["ewc"][i], np.sum(1.0 - conf[dec]), atol=1e-5)
+        counts = np.array([(sm == s + 1).sum() for s in range(dc.steps)])
+        np.testing.assert_array_equal(out["commits_per_step"][i], counts)
+        assert np.isclose(out["ewc_per_step"][i].sum(), out["ewc"][i], atol=1e-5)
+        assert out["n_forward"][i] == dc.steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# host schedule (no model)
+
+def test_host_schedule_matches_torch():
+    for n in list(range(2, 40)) + [129, 257, 513]:
+        for eps in (1e-3, 0.05):
+            np.testing.assert_array_equal(D.linspace_f32(1, eps, n), torch.linspace(1, eps, n).numpy())
+    # spec §6.2 schedule shapes for N = 256
+    k = D.lockstep_schedule(DreamDecodeConfig(max_new_tokens=256, steps=256))
+    assert dict(zip(*np.unique(k, return_counts=True))) == {0: 1, 1: 254, 2: 1}
+    k = D.lockstep_schedule(DreamDecodeConfig(max_new_tokens=256, steps=128))
+    assert dict(zip(*np.unique(k, return_counts=True))) == {1: 1, 2: 126, 3: 1}
+    # the reference's own k_i (torch float32 0-d tensors) equal the host schedule
+    for g, s in [(12, 6), (16, 16), (64, 24)]:
+        ts, n, ks = torch.linspace(1, 1e-3, s + 1), torch.tensor(g * 3), []
+        for i in range(s):
+            nbar = n / 3
+            kk = int(nbar * (1 - ts[i + 1] / ts[i])) if i < s - 1 else int(nbar)
+            ks.append(kk)
+            n = n - 3 * kk
+        np.testing.assert_array_equal(D.lockstep_schedule(DreamDecodeConfig(max_new_tokens=g, steps=s)), ks)
+        frac = (1 - ts[1:] / ts[:-1]).numpy()
+        floor = D.row_floor_table(s, 1e-3, g)
+        for i in range(s - 1):
+            assert list(floor[i]) == [int(m * float(frac[i])) for m in range(g + 1)]
+        assert list(floor[-1]) == list(range(g + 1))
+    # n̄ = S / B: torch CPU divides exactly; CUDA multiplies by f32(1/B), which for B = 41 puts n̄ below an integer
+    for b in (3, 41):
+        s = torch.arange(b * 20 + 1)
+        np.testing.assert_array_equal(D.batch_mean_table(b, 20), (s / b).numpy())
+        np.testing.assert_array_equal(D.batch_mean_table(b, 20, "reciprocal"),
+                                      (s.float() * torch.tensor(1.0 / b, dtype=torch.float32)).numpy())
+    rec = D.batch_mean_table(41, 4, "reciprocal")
+    assert rec[41] < 1.0 and int(rec[41]) == 0  # lock-step n = 1 -> the CUDA reference would commit 0 at the end
+
+
+def test_config_validation():
+    for bad in (dict(alg="random"), dict(rule="static"), dict(alg="origin", rule="tau_budget"),
+                dict(alg="maskgit_plus", rule="dynamic", alg_temp=0.5), dict(alg="origin", alg_temp=1.0),
+                dict(top_k=0), dict(top_p=1.5), dict(eps=0.0), dict(conf_dtype="float64"), dict(batch_mean="x")):
+        with pytest.raises(ValueError):
+            DreamDecodeConfig(**bad)
+
+
+def test_candidates_equal_sample_dream():
+    """The loop's sampler composition returns sampling.sample_dream's (confidence, x0), plus p(x0)."""
+    logits = 3.0 * jax.random.normal(jax.random.key(1), (2, 5, 40), jnp.float32)
+    toks = jax.random.randint(jax.random.key(2), (2, 5), 0, 40)
+    for alg in ("maskgit_plus", "topk_margin", "entropy"):
+        for t, top_p, top_k in ((0.0, None, None), (0.0, 0.8, 7), (0.7, 0.9, None)):
+            dc = DreamDecodeConfig(alg=alg, temperature=t, top_p=top_p, top_k=top_k)
+            kw = dict(tokens=toks) if t > 0 else {}
+            x0, p, conf = D.candidates(dc, logits, jnp.bfloat16, **kw)
+            c_ref, x_ref = sampling.sample_dream(logits, temperature=t, top_p=top_p, top_k=top_k, alg=alg,
+                                                 dtype=jnp.bfloat16, **kw)
+            np.testing.assert_array_equal(x0, x_ref)
+            np.testing.assert_array_equal(np.asarray(conf, np.float32), np.asarray(c_ref, np.float32))
+            p_ref, _ = sampling.sample_dream(logits, temperature=t, top_p=top_p, top_k=top_k, alg="maskgit_plus",
+                                             dtype=jnp.bfloat16, **kw)
+            np.testing.assert_array_equal(np.asarray(p, np.float32), np.asarray(p_ref, np.float32))
+
+
+def test_schedule_surplus_remasks_lowest_non_masked_slots():
+    """A row with fewer masks than the batch-mean k (after a committed mask token) gets its surplus picks on
+    non-masked slots, which the loop re-masks (reference: X = m there), lowest index first."""
+    dc = DreamDecodeConfig(alg="maskgit_plus", steps=1, max_new_tokens=4)
+    tables = dict(frac=jnp.asarray(D.transfer_fractions(1, dc.eps)), nbar=jnp.asarray(D.batch_mean_table(2, 4)))
+    masked = jnp.array([[True, True, True, False], [False, False, True, False]])
+    conf = jnp.where(masked, jnp.array([[0.5, 0.9, 0.7, 0.0], [0.0, 0.0, 0.8, 0.0]]), -jnp.inf)
+    sel = np.asarray(D.select(dc, tables, 0, conf, masked))  # n̄ = 2, last step -> k = 2 in both rows
+    np.testing.assert_array_equal(sel, [[False, True, True, False], [True, False, True, False]])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# whole loop vs the torch re-statement
+
+@pytest.mark.parametrize("alg,top_p,top_k", [("maskgit_plus", None, None), ("topk_margin", None, 20),
+                                             ("entropy", 0.9, None)])
+def test_greedy_matches_reference(dream, alg, top_p, top_k):
+    model, cfg, params = dream
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg=alg, top_p=top_p, top_k=top_k, forbid_mask_token=True)
+    ours = _run(cfg, dc, params, PROMPTS)
+    ids, valid = _batch(PROMPTS)
+    ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
+    _check(ours, ref)
+    lock = D.lockstep_schedule(dc)
+    np.testing.assert_array_equal(ref["k"], lock)
+    for i in range(len(PROMPTS)):  # lock-step: every row commits exactly k_i per step
+        np.testing.assert_array_equal(ours["commits_per_step"][i], lock)
+    assert (ours["step_map"] > 0).all() and not (ours["tokens"] == cfg.mask_token_id).any()
+    _recount(ours, dc)
+    if alg == "maskgit_plus":
+        # batched = one at a time (same padded width: one compilation), lengths form of prompt_valid
+        for i, pr in enumerate(PROMPTS):
+            one = _run(cfg, dc, params, [pr], lengths=True)
+            np.testing.assert_array_equal(one["tokens"][0], ours["tokens"][i])
+            np.testing.assert_array_equal(one["step_map"][0], ours["step_map"][i])
+        # a padded row decodes as the same prompt alone without padding (tok_idx positions, pad rows invisible)
+        ids1 = jnp.asarray([PROMPTS[0]], jnp.int32)
+        alone = jax.device_get(diffusion_generate(cfg, dc, params, ids1, jnp.ones((1, 5), bool), jax.random.key(0)))
+        np.testing.assert_array_equal(alone["tokens"][0], ours["tokens"][0])
+        np.testing.assert_array_equal(alone["step_map"][0], ours["step_map"][0])
+
+
+@pytest.mark.parametrize("alg,temperature,top_p,top_k,forbid", [("origin", 0.8, None, 20, False),
+                                                                 ("maskgit_plus", 0.7, 0.9, None, True)])
+def test_sampled_with_replayed_draws_matches_reference(dream, alg, temperature, top_p, top_k, forbid):
+    model, cfg, params = dream
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg=alg, temperature=temperature, top_p=top_p,
+                           top_k=top_k, forbid_mask_token=forbid)
+    ids, valid = _batch(PROMPTS)
+    ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, seed=7, **_ref_kwargs(dc))
+    names = ("uniforms", "tokens") if alg == "origin" else ("tokens",)
+    ours = _run(cfg, dc, params, PROMPTS, replay={k: ref["draws"][k] for k in names})
+    _check(ours, ref)
+    _recount(ours, dc)
+    if alg == "origin":  # random subsets: the per-step counts vary between rows
+        assert len({tuple(r) for r in ours["commits_per_step"]}) > 1
+
+
+def test_alg_temp_with_replayed_gumbel_matches_reference(dream):
+    model, cfg, params = dream
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="topk_margin", alg_temp=0.5, forbid_mask_token=True)
+    ids, valid = _batch(PROMPTS)
+    ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, seed=3, **_ref_kwargs(dc))
+    ours = _run(cfg, dc, params, PROMPTS, replay={"gumbel": ref["draws"]["gumbel"]})
+    _check(ours, ref)
+    _recount(ours, dc)
+    plain = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id,
+                                  **{**_ref_kwargs(dc), "alg_temp": None})
+    assert not np.array_equal(plain["step_map"], ref["step_map"])  # the noise really changes the order
+
+
+@pytest.mark.parametrize("rule,tau,m", [("tau_budget", 0.7, 1.0), ("tau_budget", 0.5, 0.0), ("dynamic", 0.7, 1.0)])
+def test_rule_matches_reference(dream, rule, tau, m):
+    """τ-budget (SLIM-RL) and dynamic threshold on Dream's loop, floor = each row's own schedule count."""
+    model, cfg, params = dream
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="maskgit_plus", rule=rule, tau=tau, budget_m=m,
+                           forbid_mask_token=True)
+    ours = _run(cfg, dc, params, PROMPTS)
+    ids, valid = _batch(PROMPTS)
+    ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
+    _check(ours, ref)
+    _recount(ours, dc)
+    assert (ours["step_map"] > 0).all()  # the last step flushes every row
+    assert (ours["tpf"] > G / STEPS).any()  # some row beats the schedule: the rule is really exercised
+
+
+def test_mask_token_may_be_sampled_by_default(dream):
+    """Reference quirk: a sampled mask token is 'committed' and stays masked; n̄ then counts it, and a slot can
+    still be masked at the end. Batch of one, so the reference's full-canvas top-k has no surplus."""
+    model, cfg, params = dream
+    boosted = {**params, "lm_head": params["lm_head"].at[cfg.mask_token_id].multiply(3.0)}
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="maskgit_plus")
+    ids, valid = _batch(PROMPTS[:1])
+    ref = TD.diffusion_generate(_scaled_torch(model, cfg.mask_token_id, 3.0), ids, valid,
+                                mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
+    ours = _run(cfg, dc, boosted, PROMPTS[:1])
+    _check(ours, ref)
+    left = ours["tokens"] == cfg.mask_token_id
+    assert left.any() and (ours["step_map"][left] == 0).all()
+    assert ours["commits_per_step"].sum() == (~left).sum()
+
+
+def test_deterministic_given_seed(dream):
+    _, cfg, params = dream
+    dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="entropy", temperature=1.0)
+    a = _run(cfg, dc, params, PROMPTS, key=5)
+    b = _run(cfg, dc, params, PROMPTS, key=5)
+    c = _run(cfg, dc, params, PROMPTS, key=6)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["step_map"], b["step_map"])
+    assert not np.array_equal(a["tokens"], c["tokens"])
+    _recount(a, dc)
