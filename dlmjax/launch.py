@@ -55,9 +55,11 @@ flags.DEFINE_list("stop_ids", None, "decode (sdar): stop token ids (default: the
 flags.DEFINE_bool("forbid_mask_token", False, "decode: never sample the mask token (the references can).")
 flags.DEFINE_bool("logits_eos_inf", False, "decode (llada): EOS logit -inf (LLaDA's flag for HumanEval).")
 flags.DEFINE_bool("confidence_eos_eot_inf", False, "decode (llada): EOS/EoT confidence 0 (LLaDA's flag).")
+flags.DEFINE_enum("llada_cache", "none", ("none", "prefix", "dual"), "decode (llada): Fast-dLLM v1 approximate KV "
+                  "cache, refreshed at each block start (none = exact).")
 
 _SDAR_ONLY = ("top_k", "top_p", "greedy", "stop_ids")
-_LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf")
+_LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache")
 _DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "chat_template", "dtype",
                  "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature", "conf_dtype",
                  "forbid_mask_token") + _SDAR_ONLY + _LLADA_ONLY
@@ -110,7 +112,7 @@ def decode_configs():
                                 factor=FLAGS.factor, conf_dtype=FLAGS.conf_dtype or "",
                                 logits_eos_inf=FLAGS.logits_eos_inf,
                                 confidence_eos_eot_inf=FLAGS.confidence_eos_eot_inf,
-                                forbid_mask_token=FLAGS.forbid_mask_token)
+                                forbid_mask_token=FLAGS.forbid_mask_token, cache=FLAGS.llada_cache)
         job = DecodeJobConfig(ckpt=FLAGS.ckpt, prompts=FLAGS.prompts, out=FLAGS.out, decoder=d,
                               batch_size=FLAGS.batch_size, seed=FLAGS.seed, chat_template=FLAGS.chat_template,
                               dtype=FLAGS.dtype)

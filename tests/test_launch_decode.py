@@ -79,7 +79,7 @@ def test_decode_job_llada_and_flagfile(imported, tmp_path):
     _, ckpt, _, _ = imported("llada")
     (tmp_path / "p.jsonl").write_text('{"prompt_ids": [5, 9, 33]}\n{"prompt_ids": [40, 2, 17, 8, 8]}\n')
     (tmp_path / "f.flags").write_text("--job=decode\n--decoder=llada\n--max_new_tokens=8\n--block_size=4\n"
-                                      "--steps=8\n--rule=fast_dllm_threshold\n--tau=0.5\n")
+                                      "--steps=8\n--rule=fast_dllm_threshold\n--tau=0.5\n--llada_cache=dual\n")
     r = _launch(f"--flagfile={tmp_path / 'f.flags'}", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
                 f"--out={tmp_path / 'o.jsonl'}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -251,7 +251,7 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
         commit = select(dc, tables, i, conf, masked, uniforms=uni, gumbel=gum,
                         key_u=None if uni is not None else ki[1], key_g=None if gum is not None else ki[2])
         new = jnp.where(commit, jnp.where(masked, x0, mask_id), xc)
-        unmasked = commit & masked & (x0 != mask_id)                      # a committed mask token stays masked
+        unmasked = commit & masked                      # a committed mask token stays masked
         remasked = commit & ~masked
         p32 = pr.astype(jnp.float32)
         step_map = jnp.where(unmasked, i + 1, jnp.where(remasked, 0, c["step_map"]))

@@ -11,6 +11,8 @@ only for the current block (the only place the rule reads them). Rules:
   tau_budget      SLIM-RL's training-free port: candidates c > tau within a budget m(1-tau), floor = schedule count
 Steps per block are data dependent for the last three: a while_loop runs until the block has no mask (at most
 block_length steps, a guard that cannot bind since each step commits at least one slot).
+Fast-dLLM v1's approximate caches (§6.4.2): `prefix` re-runs the canvas from the block start against K/V of the
+prefix computed at the block's first step; `dual` runs only the block against K/V of the whole canvas from that step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dlmjax.config import ModelConfig
 from dlmjax.decode import rules, sampling, stats
 
 RULES = ("low_confidence", "random", "fast_dllm_threshold", "fast_dllm_factor", "tau_budget")
+CACHES = ("none", "prefix", "dual")
 _F64_DEFAULT = ("fast_dllm_threshold", "fast_dllm_factor", "tau_budget")
 
 
@@ -47,10 +50,14 @@ class LLaDADecodeConfig:
     confidence_eos_eot_inf: bool = False  # LLaDA flag (quirk Q2): EOS/EoT confidence 0 after choosing x0
     eot_token_id: int = 126348
     forbid_mask_token: bool = False
+    cache: str = "none"  # none | prefix | dual: Fast-dLLM v1's approximate caches, refreshed at each block start
+
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"LLaDADecodeConfig.rule: {self.rule!r} is not one of {RULES}")
+        if self.cache not in CACHES:
+            raise ValueError(f"LLaDADecodeConfig.cache: {self.cache!r} is not one of {CACHES}")
         if self.gen_length % self.block_length:
             raise ValueError(f"LLaDADecodeConfig: gen_length={self.gen_length} is not a multiple of "
                              f"block_length={self.block_length}")
@@ -105,12 +112,9 @@ def _generate(cfg, dc, params, prompts, prompt_valid, key, replay_uniforms):
     attn = M.padding_mask(valid)  # LLaDA: pad keys hidden, pad queries still attend (spec §2.4)
     offs = jnp.arange(blk, dtype=jnp.int32)
 
-    def step(carry, start, remaining, i):
-        """One denoising step on the block at `start` (all rows); i: this block's step index."""
+    def decide(carry, logits, start, remaining, i):
+        """Apply the rule to the block at `start` given its logits [B, blk, V]; i: this block's step index."""
         x, step_map, conf_map, n_fwd, commits = carry
-        h, _ = M.hidden_states(cfg, params, x, pos, attn)
-        hb = jax.lax.dynamic_slice_in_dim(h, start, blk, axis=1)
-        logits = M.lm_head(cfg, params, hb)  # [B, blk, V] only where the rule reads them
         xb = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1)
         masked = xb == mask_id
         active = jnp.any(masked, axis=1)  # rows that still decode this block
@@ -160,25 +164,57 @@ def _generate(cfg, dc, params, prompts, prompt_valid, key, replay_uniforms):
         commits = commits.at[jnp.arange(b), t_row].add(jnp.where(active, jnp.sum(sel, axis=1, dtype=jnp.int32), 0))
         return x, step_map, conf_map, n_fwd + active, commits
 
+    def full_logits(x, start, cache=None):
+        """Whole-canvas forward (optionally filling a fresh cache); logits only for the block."""
+        h, cache = M.hidden_states(cfg, params, x, pos, attn, cache, None if cache is None else 0)
+        return M.lm_head(cfg, params, jax.lax.dynamic_slice_in_dim(h, start, blk, axis=1)), cache
+
+    def cached_logits(x, start, cache):
+        """Fast-dLLM cached step. prefix: feed x[start:] (static start) against the prefix cache; dual: feed only
+        the block, overwriting its slots, against the cache of the whole canvas (suffix stale since block start)."""
+        if dc.cache == "prefix":
+            h, _ = M.hidden_states(cfg, params, x[:, start:], pos[:, start:], attn[:, start:], cache, start)
+            return M.lm_head(cfg, params, h[:, :blk]), cache
+        xb = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1)
+        pb = jax.lax.dynamic_slice_in_dim(pos, start, blk, axis=1)
+        mb = jax.lax.dynamic_slice_in_dim(attn, start, blk, axis=1)
+        h, cache = M.hidden_states(cfg, params, xb, pb, mb, cache, start)
+        return M.lm_head(cfg, params, h), cache
+
     def block(k, carry):
-        start = lp + k * blk
+        start = lp + k * blk  # a Python int for the prefix cache (suffix length must be static), traced otherwise
         remaining = jnp.sum(jax.lax.dynamic_slice_in_dim(carry[0], start, blk, axis=1) == mask_id, axis=1,
                             dtype=jnp.int32)
+        # step 0: a full forward (it also refreshes the Fast-dLLM cache); every block starts fully masked
+        cache = None if dc.cache == "none" else M.init_cache(cfg, b, length)
+        logits, cache = full_logits(carry[0], start, cache)
+        if dc.cache == "prefix":
+            cache = {**cache, "valid": cache["valid"] & (jnp.arange(length) < start)[None]}
+        carry = decide(carry, logits, start, remaining, 0)
 
         def cond(c):
-            i, inner = c
+            i, inner, _ = c
             has = jnp.any(jax.lax.dynamic_slice_in_dim(inner[0], start, blk, axis=1) == mask_id)
             return has & (i < max_steps)
 
         def body(c):
-            i, inner = c
-            return i + 1, step(inner, start, remaining, i)
+            i, inner, cache = c
+            if dc.cache == "none":
+                logits, _ = full_logits(inner[0], start)
+            else:
+                logits, cache = cached_logits(inner[0], start, cache)
+            return i + 1, decide(inner, logits, start, remaining, i), cache
 
-        return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry))[1]
+        return jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), carry, cache))[1]
 
     carry = (x, jnp.zeros((b, length), jnp.int32), jnp.zeros((b, length), jnp.float32), jnp.zeros(b, jnp.int32),
              jnp.zeros((b, t_max), jnp.int32))
-    x, step_map, conf_map, n_fwd, commits = jax.lax.fori_loop(0, nb, block, carry)
+    if dc.cache == "prefix":  # static block starts: one traced copy of the block loop per block
+        for k in range(nb):
+            carry = block(k, carry)
+    else:
+        carry = jax.lax.fori_loop(0, nb, block, carry)
+    x, step_map, conf_map, n_fwd, commits = carry
     comp_steps = step_map[:, lp:]
     keep = jnp.ones((b, g), bool)
     dec = comp_steps > 0

@@ -70,7 +70,9 @@ def diffusion_generate(model, input_ids, attention_mask=None, *, max_new, steps,
                        forbid_mask=False, seed=0):
     """input_ids [B, P] (left-padded), attention_mask [B, P] bool or None. Returns dict(tokens [B, G], step_map
     [B, G] (1-based step at which the slot last turned from mask to token), conf [B, G] (p of that token), k (per-step
-    batch counts of the schedule rule), draws {tokens, uniforms, gumbel} each [B, steps, G], canvas [B, P+G])."""
+    batch counts of the schedule rule), surplus (how many top-k picks fell on non-masked slots: rows holding fewer
+    masks than k; torch.topk's choice among those -inf ties is undefined, so such runs are not comparable),
+    draws {tokens, uniforms, gumbel} each [B, steps, G], canvas [B, P+G])."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     b, p = ids.shape
@@ -89,7 +91,7 @@ def diffusion_generate(model, input_ids, attention_mask=None, *, max_new, steps,
                  gumbel=np.zeros((b, steps, g), np.float32))
     step_map = np.zeros((b, g), np.int64)
     conf_map = np.zeros((b, g), np.float64)
-    ks = []
+    ks, surplus = [], 0
     for i in range(steps):
         mask_index = x == mask_id
         with torch.no_grad():
@@ -128,6 +130,7 @@ def diffusion_generate(model, input_ids, attention_mask=None, *, max_new, steps,
                 num_mask_token = mask_index.sum() / b
                 k = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
                 ks.append(k)
+                surplus += int(np.maximum(k - mask_index.sum(1).numpy(), 0).sum())
                 if k > 0:
                     if alg_temp is None or alg_temp == 0:
                         idx = [stable_topk(full[j], k) for j in range(b)]
@@ -147,7 +150,8 @@ def diffusion_generate(model, input_ids, attention_mask=None, *, max_new, steps,
         conf_map[unmasked] = p_new[:, p:].numpy()[unmasked]
         step_map[(~was & now).numpy()] = 0
         conf_map[(~was & now).numpy()] = 0.0
-    return dict(tokens=x[:, p:].numpy(), step_map=step_map, conf=conf_map, k=ks, draws=draws, canvas=x.numpy())
+    return dict(tokens=x[:, p:].numpy(), step_map=step_map, conf=conf_map, k=ks, surplus=surplus, draws=draws,
+                canvas=x.numpy())
 
 
 def _row_rule(rule, full, mask_index, i, steps, frac, tau, m):

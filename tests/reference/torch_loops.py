@@ -99,9 +99,34 @@ def sdar_block_decode(model, prompt, *, block, steps, max_new, rule, tau=0.9, m=
     return dict(tokens=comp[:cut], step_map=sm[:cut], n_denoise=n_denoise, n_save=n_save, sampled=sampled)
 
 
+def _llada_cached_logits(model, x, val, a, e, mode, pkv0):
+    """Fast-dLLM v1 cached step with a transformers DynamicCache (spec §6.4.2). prefix: the step-0 cache cropped to
+    [0, a), fed x[a:]; dual: the step-0 cache without the block's slots, fed the block (bidirectional attention is
+    invariant to the order of keys, so the block's fresh K/V may sit at the end of the cache)."""
+    import copy
+
+    c = copy.deepcopy(pkv0)
+    n = len(x)
+    if mode == "prefix":
+        c.crop(a - n)
+        q, keys_valid = x[a:], val
+    else:
+        for layer in c.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :a], layer.keys[:, :, e:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :a], layer.values[:, :, e:]], dim=2)
+        q, keys_valid = x[a:e], np.concatenate([val[:a], val[e:], val[a:e]])
+    allowed = np.broadcast_to(keys_valid[None, None, :], (1, len(q), n))
+    pos = torch.arange(a, a + len(q))[None]
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(q[None]), attention_mask=R.additive(allowed), position_ids=pos,
+                    past_key_values=c, use_cache=True)
+    return out.logits[0, :e - a].float().numpy()
+
+
 def llada_generate(model, prompt, valid, *, gen, block, steps, rule, mask_id, tau=0.9, m=1.0, factor=1.0,
-                   temperature=0.0, conf_dtype=np.float32, uniforms=None):
-    """LLaDA generate (spec §6.1) for one left-padded row; rules of §6.4.1 and the SLIM-RL port (§0.3).
+                   temperature=0.0, conf_dtype=np.float32, uniforms=None, cache="none"):
+    """LLaDA generate (spec §6.1) for one left-padded row; rules of §6.4.1 and the SLIM-RL port (§0.3); Fast-dLLM's
+    prefix / dual cache (§6.4.2) refreshed by the full forward at each block's first step.
 
     uniforms: per-step noise (float64 [block, V] Gumbel uniforms, or float32 [block] for random remasking).
     Returns dict(tokens [gen], step_map [gen], n_forward)."""
@@ -117,7 +142,16 @@ def llada_generate(model, prompt, valid, *, gen, block, steps, rule, mask_id, ta
         i = 0
         max_steps = s if rule in ("low_confidence", "random") else block
         while (x[a:e] == mask_id).any() and i < max_steps:
-            logits = R.hf_logits(model, x[None], R.llada_allowed(val[None]))[0, a:e].astype(np.float64)
+            if cache == "none":
+                logits = R.hf_logits(model, x[None], R.llada_allowed(val[None]))[0, a:e].astype(np.float64)
+            elif i == 0:
+                with torch.no_grad():
+                    out = model(input_ids=torch.from_numpy(x[None]), attention_mask=R.additive(R.llada_allowed(
+                        val[None])), position_ids=torch.arange(len(x))[None], use_cache=True)
+                pkv0 = out.past_key_values
+                logits = out.logits[0, a:e].float().numpy().astype(np.float64)
+            else:
+                logits = _llada_cached_logits(model, x, val, a, e, cache, pkv0).astype(np.float64)
             if temperature > 0:
                 score = np.exp(logits) / (-np.log(uniforms[t])) ** temperature
                 x0 = score.argmax(-1)
