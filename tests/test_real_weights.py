@@ -31,7 +31,14 @@ def _ids(tok, prompt):
 
 
 def test_real_config_geometry(smollm2):
+    import os
+
+    from dlmjax.real_weights import ensure_smollm2
+
     _, ref, cfg, params = smollm2
+    _, ours_dir = ensure_smollm2()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "params.safetensors", "dlmjax.json"):
+        assert os.path.exists(os.path.join(ours_dir, f)), f  # tokenizer + config kept next to the weights
     assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == \
         ("llama", 30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings and "lm_head" not in params

@@ -21,14 +21,13 @@ import numpy as np
 from dlmjax.config import ConfigError, ModelConfig, from_hf_config, param_shapes, to_hf_config
 from dlmjax.checkpoint import naming
 from dlmjax.checkpoint.st_io import (NP_TO_ST, ST_DTYPES, CheckpointError, StreamingWriter, TensorReader,
-                                     data_size_bytes, np_dtype)
+                                     data_size_bytes, dtype_name, np_dtype)
 
 FORMAT = {"format": "dlmjax", "version": 1}
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-_TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @contextlib.contextmanager
@@ -138,8 +137,7 @@ def import_hf(src: str, dst: str, family: str = "auto", dtype: str = "auto", ove
     reader = TensorReader(src)
     entries = _plan_import(cfg, reader)
     out_dt = _source_dtype(reader, entries) if dtype == "auto" else np_dtype(dtype)
-    dt_name = {v: k for k, v in {"float32": np.dtype(np.float32), "bfloat16": np_dtype("bfloat16"),
-                                  "float16": np.dtype(np.float16)}.items()}.get(out_dt)
+    dt_name = dtype_name(out_dt)
     if dt_name is None:
         raise CheckpointError(f"{src}: source dtype {out_dt} is not a float type dlmjax stores; pass --dtype")
     by_ours = {e.ours: e for e in entries}
@@ -283,7 +281,7 @@ def export_hf(src: str, dst: str, dtype: str = "auto", max_shard_size: str | int
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": data_size_bytes(items)}, "weight_map": weight_map}, f,
                           indent=2)
-        dt_name = {np_dtype(n): n for n in _TORCH_DTYPE}[out_dt]
+        dt_name = dtype_name(out_dt)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(to_hf_config(cfg, raw, torch_dtype=dt_name), f, indent=2)
         _copy_tokenizer(src, tmp)

@@ -23,6 +23,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file and the key."""
 
 
+def dtype_name(dt: np.dtype) -> str | None:
+    """'float32' / 'bfloat16' / 'float16' for a stored float dtype, None otherwise."""
+    return {v: k for k, v in DTYPE_NAMES.items()}.get(np.dtype(dt))
+
+
 def np_dtype(name: str) -> np.dtype:
     try:
         return DTYPE_NAMES[name]

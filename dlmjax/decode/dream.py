@@ -182,7 +182,7 @@ def select(dc: DreamDecodeConfig, tables, i, conf, masked, *, uniforms=None, gum
         if dc.uses_alg_temp:
             return rules.commit_dream_topk(conf, masked, k, alg_temp=dc.alg_temp, key=key_g, gumbel=gumbel)
         return rules.commit_dream_topk(conf, masked, k, masked_only=False)
-    n = tables["floor"][i][jnp.sum(masked, axis=1, dtype=jnp.int32)]      # [B] the row's own schedule count
+    n = tables["floor"][i][jnp.sum(masked, dtype=jnp.int32) // masked.shape[0]]      # [B] the row's own schedule count
     if dc.rule == "tau_budget":
         return rules.commit_tau_budget(conf, masked, n, dc.tau, m=dc.budget_m)
     return rules.commit_dynamic_threshold(conf, masked, n, dc.tau)
@@ -251,7 +251,7 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
         commit = select(dc, tables, i, conf, masked, uniforms=uni, gumbel=gum,
                         key_u=None if uni is not None else ki[1], key_g=None if gum is not None else ki[2])
         new = jnp.where(commit, jnp.where(masked, x0, mask_id), xc)
-        unmasked = commit & masked                      # a committed mask token stays masked
+        unmasked = commit & masked & (x0 != mask_id)                      # a committed mask token stays masked
         remasked = commit & ~masked
         p32 = pr.astype(jnp.float32)
         step_map = jnp.where(unmasked, i + 1, jnp.where(remasked, 0, c["step_map"]))
