@@ -26,8 +26,9 @@ flags.DEFINE_integer("new_tokens", 32, "parity: length of the greedy continuatio
 flags.DEFINE_string("ckpt", None, "decode: dlmjax checkpoint directory (python -m convert import ...).")
 flags.DEFINE_string("prompts", None, "decode: JSONL, one {\"prompt\": text} or {\"prompt_ids\": [...]} per line.")
 flags.DEFINE_string("out", None, "decode: output JSONL (written as <out>.partial, renamed when complete).")
-flags.DEFINE_enum("decoder", "sdar", ("sdar", "llada"), "decode: sdar = block decoding with KV cache "
-                  "(SDAR/TraDo); llada = LLaDA canvas with semi-autoregressive blocks.")
+flags.DEFINE_enum("decoder", "sdar", ("sdar", "llada", "dream"), "decode: sdar = block decoding with KV cache "
+                  "(SDAR/TraDo); llada = LLaDA canvas with semi-autoregressive blocks; dream = Dream's "
+                  "diffusion_generate (shifted logits).")
 flags.DEFINE_integer("batch_size", 8, "decode: prompts decoded together.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "decode: PRNG seed (same seed + flags = same output).")
 flags.DEFINE_bool("chat_template", True, "decode: wrap text prompts in the tokenizer's chat template.")
@@ -39,13 +40,14 @@ flags.DEFINE_integer("steps", None, "decode: sdar: denoising steps per block (de
                                     "(default max_new_tokens).", lower_bound=1)
 flags.DEFINE_string("rule", None, "decode: commit rule. sdar: static | dynamic | tau_budget | sequential "
                                   "(default dynamic); llada: low_confidence | random | fast_dllm_threshold | "
-                                  "fast_dllm_factor | tau_budget (default low_confidence).")
+                                  "fast_dllm_factor | tau_budget (default low_confidence); dream: schedule | "
+                                  "tau_budget | dynamic (default schedule).")
 flags.DEFINE_float("tau", 0.9, "decode: confidence threshold of dynamic / threshold / tau_budget rules.")
 flags.DEFINE_float("budget_m", 1.0, "decode: tau_budget m (budget m*(1-tau)); <= 0 means the static count.")
 flags.DEFINE_float("factor", 1.0, "decode: llada fast_dllm_factor factor.")
 flags.DEFINE_float("temperature", None, "decode: sampling temperature (default: sdar 1.0, llada 0 = greedy).")
-flags.DEFINE_integer("top_k", 0, "decode (sdar): top-k filter, 0 = off.", lower_bound=0)
-flags.DEFINE_float("top_p", 1.0, "decode (sdar): nucleus filter, 1 = off.")
+flags.DEFINE_integer("top_k", 0, "decode (sdar, dream): top-k filter, 0 = off.", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "decode (sdar, dream): nucleus filter, 1 = off.")
 flags.DEFINE_bool("greedy", False, "decode (sdar): argmax candidates, untempered confidence (SDAR has no greedy "
                                    "mode of its own; spec A6).")
 flags.DEFINE_string("conf_dtype", None, "decode: dtype of confidences and threshold comparisons (default: sdar "
@@ -58,11 +60,18 @@ flags.DEFINE_bool("confidence_eos_eot_inf", False, "decode (llada): EOS/EoT conf
 flags.DEFINE_enum("llada_cache", "none", ("none", "prefix", "dual"), "decode (llada): Fast-dLLM v1 approximate KV "
                   "cache, refreshed at each block start (none = exact).")
 
-_SDAR_ONLY = ("top_k", "top_p", "greedy", "stop_ids")
+flags.DEFINE_enum("dream_alg", "entropy", ("origin", "maskgit_plus", "topk_margin", "entropy"),
+                  "decode (dream): Dream's confidence algorithm.")
+flags.DEFINE_float("alg_temp", None, "decode (dream): > 0 draws the committed slots from softmax(conf / alg_temp).")
+flags.DEFINE_float("eps", 1e-3, "decode (dream): schedule end point t = linspace(1, eps, steps + 1).")
+
+_SDAR_ONLY = ("greedy", "stop_ids")
 _LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache")
+_DREAM_ONLY = ("dream_alg", "alg_temp", "eps")
+_ONLY = {"sdar": _SDAR_ONLY + ("top_k", "top_p"), "llada": _LLADA_ONLY, "dream": _DREAM_ONLY + ("top_k", "top_p")}
 _DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "chat_template", "dtype",
                  "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature", "conf_dtype",
-                 "forbid_mask_token") + _SDAR_ONLY + _LLADA_ONLY
+                 "forbid_mask_token", "top_k", "top_p") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
 _PARITY_FLAGS = ("cache_dir", "prompt", "new_tokens")
 
 
@@ -90,7 +99,10 @@ def decode_configs():
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required for --job=decode")
     d = FLAGS.decoder
-    _reject(_LLADA_ONLY if d == "sdar" else _SDAR_ONLY, f"is not used by --decoder={d}")
+    others = {n for k, v in _ONLY.items() if k != d for n in v} - set(_ONLY[d])
+    _reject(sorted(others), f"is not used by --decoder={d}")
+    if d == "dream":
+        _reject(("block_size",), "is not used by --decoder=dream")
     block = FLAGS.block_size or (4 if d == "sdar" else 32)
     try:
         if d == "sdar":
@@ -105,6 +117,13 @@ def decode_configs():
                                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy,
                                 conf_dtype=FLAGS.conf_dtype or "float32", stop_ids=stop,
                                 forbid_mask_token=FLAGS.forbid_mask_token)
+        elif d == "dream":
+            dc = decoder_config("dream", max_new_tokens=FLAGS.max_new_tokens, steps=FLAGS.steps or FLAGS.max_new_tokens,
+                                eps=FLAGS.eps, alg=FLAGS.dream_alg, alg_temp=FLAGS.alg_temp,
+                                temperature=FLAGS.temperature or 0.0,
+                                top_p=FLAGS.top_p if FLAGS.top_p < 1.0 else None, top_k=FLAGS.top_k or None,
+                                conf_dtype=FLAGS.conf_dtype, rule=FLAGS.rule or "schedule", tau=FLAGS.tau,
+                                budget_m=FLAGS.budget_m, forbid_mask_token=FLAGS.forbid_mask_token)
         else:
             dc = decoder_config("llada", gen_length=FLAGS.max_new_tokens, block_length=block,
                                 steps=FLAGS.steps or FLAGS.max_new_tokens, rule=FLAGS.rule or "low_confidence",

@@ -107,6 +107,7 @@ def test_host_schedule_matches_torch():
             n = n - 3 * kk
         np.testing.assert_array_equal(D.lockstep_schedule(DreamDecodeConfig(max_new_tokens=g, steps=s)), ks)
         frac = (1 - ts[1:] / ts[:-1]).numpy()
+        np.testing.assert_array_equal(D.transfer_fractions(s, 1e-3)[:-1], frac[:-1])
         floor = D.row_floor_table(s, 1e-3, g)
         for i in range(s - 1):
             assert list(floor[i]) == [int(m * float(frac[i])) for m in range(g + 1)]

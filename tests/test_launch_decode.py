@@ -107,3 +107,18 @@ def test_decode_job_rejects_bad_input(imported, tmp_path):
     assert r.returncode != 0 and "rule: 'sometimes' is not one of" in r.stderr
     r = _launch("--job=decode", f"--prompts={p}", f"--out={out}")
     assert r.returncode != 0 and "--ckpt is required" in r.stderr
+
+
+@pytest.mark.slow
+def test_decode_job_dream_flagfile(imported, tmp_path):
+    _, ckpt, _, _ = imported("dream")
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [5, 9, 33]}\n{"prompt_ids": [40, 2, 17, 8, 8]}\n')
+    r = _launch(f"--flagfile={os.path.join(ROOT, 'launch/flags/dream_entropy.flags')}", f"--ckpt={ckpt}",
+                f"--prompts={tmp_path / 'p.jsonl'}", f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=8",
+                "--steps=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(len(x["ids"]) == 8 and x["forwards"] == 8 for x in recs)
+    r = _launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
+                f"--out={tmp_path / 'o2.jsonl'}", "--block_size=4")
+    assert r.returncode != 0 and "--block_size is not used by --decoder=dream" in r.stderr

@@ -5,12 +5,13 @@ Each step runs the full bidirectional forward (Dream's padding mask and `tok_idx
 by one (§1.6), samples a candidate token and a confidence for every completion slot (`sample_tokens` in the
 reference's dtype), and commits a subset of the masked slots:
   * alg 'origin': each masked slot independently with probability 1 - t[i+1]/t[i] (all at the last step);
-  * the confidence algs with rule 'schedule' (the reference): the top-k of the canvas, k = int(n̄·(1 - t[i+1]/t[i]))
-    with n̄ the batch-mean number of masks in float32 (all of n̄ at the last step), or k draws by alg_temp;
+  * the confidence algs with rule 'schedule' (the reference): each row's top-k masked slots by confidence,
+    k = int(n̄·(1 - t[i+1]/t[i])) with n̄ the float32 batch-mean number of masks (int(n̄) at the last step), or k
+    slots drawn by alg_temp;
   * rule 'tau_budget' (SLIM-RL, slimrl_tracerl.md §0.3) or 'dynamic' (TraceRL threshold): per row, with the row's own
     schedule count int(n_row·(1 - t[i+1]/t[i])) as the floor (the SLIM Dream port's floor), all masks at the last step.
 The float32 schedule t = linspace(1, eps, steps+1) and the count tables are built on the host in NumPy (N8); the
-device only gathers from them. Choices where the spec is silent: notes/dream_loop.md.
+device only gathers from them. Choices where the spec is silent: BUILD_NOTES.md, "Dream loop choices".
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def select(dc: DreamDecodeConfig, tables, i, conf, masked, *, uniforms=None, gum
         if dc.uses_alg_temp:
             return rules.commit_dream_topk(conf, masked, k, alg_temp=dc.alg_temp, key=key_g, gumbel=gumbel)
         return rules.commit_dream_topk(conf, masked, k, masked_only=False)
-    n = tables["floor"][i][jnp.sum(masked, dtype=jnp.int32) // masked.shape[0]]      # [B] the row's own schedule count
+    n = tables["floor"][i][jnp.sum(masked, axis=1, dtype=jnp.int32)]      # [B] the row's own schedule count
     if dc.rule == "tau_budget":
         return rules.commit_tau_budget(conf, masked, n, dc.tau, m=dc.budget_m)
     return rules.commit_dynamic_threshold(conf, masked, n, dc.tau)
@@ -218,6 +219,8 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
     mask_id = cfg.mask_token_id
     if mask_id is None:
         raise ValueError("diffusion_generate: the model config has no mask_token_id")
+    if p == 0:
+        raise ValueError("diffusion_generate: prompts need at least one column (Dream prompts start with BOS)")
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
     dt = jnp.dtype(dc.conf_dtype or cfg.compute_dtype)
     forbid = mask_id if dc.forbid_mask_token else None
@@ -229,8 +232,9 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
     attn = M.padding_mask(valid, mask_queries=True)                       # [B, L, L] valid_i and valid_j
     x = jnp.concatenate([jnp.where(pv, prompts.astype(jnp.int32), pad_id), jnp.full((b, g), mask_id, jnp.int32)],
                         axis=1)
-    # completion slot j is predicted by position p + j - 1 (= M.shift_logits(logits)[:, p:]; position 0 keeps its own)
-    src = np.maximum(np.arange(p, p + g) - (1 if cfg.logit_shift else 0), 0)
+    # completion slot j is predicted by position p + j - 1 (= M.shift_logits(logits)[:, p:]; position 0 keeps its
+    # own): a static slice of the hidden states, so the LM head runs on G positions only
+    src = slice(p - 1, p + g - 1) if cfg.logit_shift else slice(p, p + g)
     tables = dict(frac=jnp.asarray(transfer_fractions(steps, dc.eps)),
                   nbar=jnp.asarray(batch_mean_table(b, g, dc.batch_mean)),
                   floor=jnp.asarray(row_floor_table(steps, dc.eps, g)))

@@ -17,11 +17,12 @@ import jax
 import numpy as np
 
 from dlmjax.checkpoint import load_checkpoint
+from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
 from dlmjax.decode.llada import LLaDADecodeConfig
 from dlmjax.decode.llada import generate as llada_generate
 from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
 
-DECODERS = ("sdar", "llada")
+DECODERS = ("sdar", "llada", "dream")
 
 
 class PromptError(ValueError):
@@ -33,7 +34,7 @@ class DecodeJobConfig:
     ckpt: str
     prompts: str
     out: str
-    decoder: str  # sdar | llada
+    decoder: str  # sdar | llada | dream
     batch_size: int = 8
     seed: int = 0
     chat_template: bool = True
@@ -144,8 +145,9 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
                 fwd = np.asarray(res["n_denoise"]) + np.asarray(res["n_save"])
             else:
                 arr, valid = _pack(ids, width, pad, left=True)
-                res = llada_generate(cfg, decode_cfg, params, arr, valid, jax.random.fold_in(key, b0))
-                fwd = np.asarray(res["n_forward"])
+                gen = llada_generate if job.decoder == "llada" else diffusion_generate
+                res = gen(cfg, decode_cfg, params, arr, valid, jax.random.fold_in(key, b0))
+                fwd = np.broadcast_to(np.asarray(res["n_forward"]), (len(ids),))
             res = jax.device_get(res)
             dt = time.perf_counter() - t0
             lengths = res["lengths"] if "lengths" in res else np.full(len(ids), res["tokens"].shape[1])
@@ -179,7 +181,5 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
 
 
 def decoder_config(decoder: str, **kw):
-    """Frozen decoder config from flag values (unknown combinations raise with the flag's name)."""
-    if decoder == "sdar":
-        return BlockDecodeConfig(**kw)
-    return LLaDADecodeConfig(**kw)
+    """Frozen decoder config from flag values (bad values / combinations raise ValueError naming the field)."""
+    return {"sdar": BlockDecodeConfig, "llada": LLaDADecodeConfig, "dream": DreamDecodeConfig}[decoder](**kw)

@@ -5,7 +5,7 @@ and per-row integer counts (`[B]` int32 or a scalar) to a boolean commit mask `[
 `models_decoders.md` §6 (LLaDA, Dream, SDAR, Fast-dLLM v1), `slimrl_tracerl.md` §0.3 (jetengine rules incl.
 τ-budget), and the SLIM-RL engine's `scheduler.py` (sequential, contiguous/nlc/gc dynamic, entropy_bounded).
 
-Conventions (see notes/decode_rules.md):
+Conventions (see BUILD_NOTES.md, "Rule and sampler choices"):
 * "top-k with a per-row k" is a rank mask: masked slots ranked first, by descending confidence, ties to the lower
   index (N7, §8.3); `sel = rank < k`. Non-masked slots rank after all masked ones, in index order.
 * Comparisons with thresholds happen in `conf.dtype` (N5): a Python-float τ is rounded to that dtype first.

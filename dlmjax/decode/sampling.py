@@ -2,7 +2,7 @@
 
 Shapes: logits `[..., V]` (any leading dims, e.g. `[B, K, V]`), tokens/confidences `[...]`. Specs:
 `models_decoders.md` §1.5 (N4 softmax dtype, N5 comparisons, N6 argmax), §6.1-6.3, §8.4; choices in
-notes/decode_rules.md.
+BUILD_NOTES.md ("Rule and sampler choices").
 
 Numerics: probabilities are `softmax(f32(logits))` rounded once to the reference's dtype (N4; float64 computes in
 float64 and needs x64). Multi-op confidences (margin, negative entropy) round after every op like torch on half
