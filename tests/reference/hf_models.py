@@ -128,7 +128,7 @@ def write_hf_dir(path: str, raw: dict, sd: dict, shard_keys: int | None = None):
 
 def additive(allowed: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     m = torch.zeros(allowed.shape, dtype=dtype)
-    m[~torch.from_numpy(allowed)] = torch.finfo(dtype).min
+    m[~torch.from_numpy(np.array(allowed, bool))] = torch.finfo(dtype).min
     return m[:, None]
 
 
