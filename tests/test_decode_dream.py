@@ -1,6 +1,5 @@
 """Dream diffusion_generate (one jit) vs a plain-Python PyTorch re-statement of the reference loop."""
 
-import copy
 import dataclasses
 import functools
 
@@ -14,6 +13,7 @@ from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import dream as D
 from dlmjax.decode import sampling
 from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
+from tests.reference import hf_models as R
 from tests.reference import torch_dream as TD
 
 PROMPTS = [[3, 17, 22, 9, 41], [8, 8, 30, 2, 11, 60, 7, 19], [50, 4]]  # left-padded to P = 8
@@ -27,19 +27,10 @@ def dream(imported):
     cfg, params = load_checkpoint(ckpt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: 2 OpenMP threads on 2 shared cores are ~50x slower here
-    yield _scaled_torch(model, None, SHARPEN), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
+    yield R.scaled_lm_head(model, SHARPEN, None), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
     torch.set_num_threads(threads)
 
 
-def _scaled_torch(model, row, factor):
-    """A copy of the torch model with its lm-head (or one row of it) scaled."""
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        if row is None:
-            m.lm_head.weight *= factor
-        else:
-            m.lm_head.weight[row] *= factor
-    return m
 
 
 def _batch(prompts, p=P):
@@ -247,7 +238,7 @@ def test_mask_token_may_be_sampled_by_default(dream):
     boosted = {**params, "lm_head": params["lm_head"].at[cfg.mask_token_id].multiply(boost)}
     dc = DreamDecodeConfig(max_new_tokens=G, steps=G, alg="maskgit_plus")
     ids, valid = _batch(PROMPTS)
-    ref = TD.diffusion_generate(_scaled_torch(model, cfg.mask_token_id, boost), ids, valid,
+    ref = TD.diffusion_generate(R.scaled_lm_head(model, boost, cfg.mask_token_id), ids, valid,
                                 mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
     assert ref["surplus"] == 0
     ours = _run(cfg, dc, boosted, PROMPTS)

@@ -6,6 +6,7 @@ import pytest
 
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode.llada import LLaDADecodeConfig, generate
+from tests.reference import hf_models as R
 from tests.reference import torch_loops as TL
 
 SHARPEN = 5.0
@@ -17,16 +18,9 @@ VALID[1] = True
 
 @pytest.fixture(scope="module")
 def llada(imported):
-    import copy
-
-    import torch
-
     model, ckpt, raw, _ = imported("llada")
     cfg, params = load_checkpoint(ckpt)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        ref.lm_head.weight *= SHARPEN
-    return ref, cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
+    return R.scaled_lm_head(model, SHARPEN), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
 
 
 def _compare(ours, refs):

@@ -7,6 +7,7 @@ import pytest
 
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
+from tests.reference import hf_models as R
 from tests.reference import torch_loops as TL
 
 PROMPTS = [[3, 17, 22, 9, 41], [8, 8, 30, 2, 11, 60, 7, 19], [50, 4]]  # lengths 5, 8 (= 2 full blocks), 2 (< K)
@@ -18,7 +19,7 @@ SHARPEN = 5.0  # lm-head scale: a random model is too unsure for thresholds to m
 def sdar(imported):
     model, ckpt, raw, _ = imported("sdar")
     cfg, params = load_checkpoint(ckpt)
-    return _scaled_torch(model, None, SHARPEN), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
+    return R.scaled_lm_head(model, SHARPEN, None), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
 
 
 def _batch(prompts, p=None):
@@ -85,8 +86,8 @@ def test_mask_token_may_be_sampled_by_default(sdar):
     boosted = {**params, "lm_head": params["lm_head"].at[cfg.mask_token_id].multiply(40.0)}
     dc = BlockDecodeConfig(block_size=4, steps=4, max_new_tokens=8, rule="static", greedy=True)
     out = jax.device_get(block_generate(cfg, dc, boosted, prompts, lens, jax.random.key(0)))
-    ref = TL.sdar_block_decode(_scaled_torch(model, cfg.mask_token_id, 40.0), PROMPTS[0], block=4, steps=4, max_new=8,
-                               rule="static", mask_id=cfg.mask_token_id)
+    ref = TL.sdar_block_decode(R.scaled_lm_head(model, 40.0, cfg.mask_token_id), PROMPTS[0], block=4, steps=4,
+                               max_new=8, rule="static", mask_id=cfg.mask_token_id)
     _check_row(out, 0, ref)
     assert (out["tokens"] == cfg.mask_token_id).any()
     dc2 = BlockDecodeConfig(block_size=4, steps=4, max_new_tokens=8, rule="static", greedy=True,
@@ -95,19 +96,6 @@ def test_mask_token_may_be_sampled_by_default(sdar):
     assert not (out2["tokens"] == cfg.mask_token_id).any()
 
 
-def _scaled_torch(model, row, factor):
-    """A copy of the torch model with its lm-head (or one row of it) scaled."""
-    import copy
-
-    import torch
-
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        if row is None:
-            m.lm_head.weight *= factor
-        else:
-            m.lm_head.weight[row] *= factor
-    return m
 
 
 def test_stats_recount_from_step_map(sdar):

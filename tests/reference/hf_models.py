@@ -170,3 +170,17 @@ def hf_logits(model, tokens: np.ndarray, allowed: np.ndarray, position_ids: np.n
         out = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
                     attention_mask=additive(allowed, dtype), position_ids=torch.from_numpy(np.array(pos, np.int64)))
     return out.logits.float().numpy()
+
+
+def scaled_lm_head(model, factor: float, row: int | None = None):
+    """A copy of the torch model with its lm-head (or one row of it) scaled: sharper distributions make threshold
+    rules commit several tokens per step on a random model."""
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        if row is None:
+            m.lm_head.weight *= factor
+        else:
+            m.lm_head.weight[row] *= factor
+    return m
