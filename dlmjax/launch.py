@@ -38,7 +38,8 @@ flags.DEFINE_integer("max_new_tokens", 128, "decode: completion length (LLaDA ge
 flags.DEFINE_integer("block_size", None, "decode: block length K (default: sdar 4, llada 32).", lower_bound=1)
 flags.DEFINE_integer("steps", None, "decode: sdar: denoising steps per block (default K); llada: total steps "
                                     "(default max_new_tokens).", lower_bound=1)
-flags.DEFINE_string("rule", None, "decode: commit rule. sdar: static | dynamic | tau_budget | sequential "
+flags.DEFINE_string("rule", None, "decode: commit rule. sdar: static | dynamic | tau_budget | sequential | "
+                                  "contiguous_dynamic | nlc_bounded_dynamic | gc_dynamic | entropy_bounded "
                                   "(default dynamic); llada: low_confidence | random | fast_dllm_threshold | "
                                   "fast_dllm_factor | tau_budget (default low_confidence); dream: schedule | "
                                   "tau_budget | dynamic (default schedule).")
@@ -65,7 +66,10 @@ flags.DEFINE_enum("dream_alg", "entropy", ("origin", "maskgit_plus", "topk_margi
 flags.DEFINE_float("alg_temp", None, "decode (dream): > 0 draws the committed slots from softmax(conf / alg_temp).")
 flags.DEFINE_float("eps", 1e-3, "decode (dream): schedule end point t = linspace(1, eps, steps + 1).")
 
-_SDAR_ONLY = ("greedy", "stop_ids")
+flags.DEFINE_float("nlc_budget", 1.0, "decode (sdar): nlc_bounded_dynamic budget of cumulative -log p.")
+flags.DEFINE_float("eb_threshold", 0.35, "decode (sdar): entropy_bounded budget of cumulative entropy.")
+
+_SDAR_ONLY = ("greedy", "stop_ids", "nlc_budget", "eb_threshold")
 _LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache")
 _DREAM_ONLY = ("dream_alg", "alg_temp", "eps")
 _ONLY = {"sdar": _SDAR_ONLY + ("top_k", "top_p"), "llada": _LLADA_ONLY, "dream": _DREAM_ONLY + ("top_k", "top_p")}
@@ -116,7 +120,8 @@ def decode_configs():
                                 temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature,
                                 top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy,
                                 conf_dtype=FLAGS.conf_dtype or "float32", stop_ids=stop,
-                                forbid_mask_token=FLAGS.forbid_mask_token)
+                                forbid_mask_token=FLAGS.forbid_mask_token, nlc_budget=FLAGS.nlc_budget,
+                                eb_threshold=FLAGS.eb_threshold)
         elif d == "dream":
             dc = decoder_config("dream", max_new_tokens=FLAGS.max_new_tokens, steps=FLAGS.steps or FLAGS.max_new_tokens,
                                 eps=FLAGS.eps, alg=FLAGS.dream_alg, alg_temp=FLAGS.alg_temp,

@@ -38,25 +38,27 @@ def _check_row(ours, i, ref):
     assert int(ours["n_denoise"][i]) == ref["n_denoise"] and int(ours["n_save"][i]) == ref["n_save"]
 
 
-@pytest.mark.parametrize("rule,block,steps", [("dynamic", 4, 4), ("tau_budget", 4, 4), ("static", 4, 2),
-                                              ("sequential", 4, 4)])
-def test_greedy_matches_reference(sdar, rule, block, steps):
+@pytest.mark.parametrize("rule,block,steps,kw", [
+    ("dynamic", 4, 4, {}), ("tau_budget", 4, 4, {}), ("static", 4, 2, {}), ("sequential", 4, 4, {}),
+    ("contiguous_dynamic", 4, 4, {}), ("nlc_bounded_dynamic", 4, 4, {"nlc_budget": 1.0}), ("gc_dynamic", 4, 4, {}),
+    ("entropy_bounded", 4, 4, {"eb_threshold": 2.5})])
+def test_greedy_matches_reference(sdar, rule, block, steps, kw):
     model, cfg, params = sdar
     dc = BlockDecodeConfig(block_size=block, steps=steps, max_new_tokens=10, rule=rule, tau=0.7, greedy=True,
-                           stop_ids=(STOP,), forbid_mask_token=True)
+                           stop_ids=(STOP,), forbid_mask_token=True, **kw)
     prompts, lens = _batch(PROMPTS)
     ours = jax.device_get(block_generate(cfg, dc, params, prompts, lens, jax.random.key(0)))
     for i, pr in enumerate(PROMPTS):
         ref = TL.sdar_block_decode(model, pr, block=block, steps=steps, max_new=10, rule=rule, tau=0.7,
-                                   mask_id=cfg.mask_token_id, stop_ids=(STOP,), forbid_mask=True)
+                                   mask_id=cfg.mask_token_id, stop_ids=(STOP,), forbid_mask=True, **kw)
         _check_row(ours, i, ref)
         if rule == "dynamic":  # batched == one at a time (same padded width: one compilation)
             one = jax.device_get(block_generate(cfg, dc, params, *_batch([pr], 8), jax.random.key(0)))
             np.testing.assert_array_equal(one["tokens"][0], ours["tokens"][i])
             np.testing.assert_array_equal(one["step_map"][0], ours["step_map"][i])
-    if rule in ("dynamic", "tau_budget"):
+    if rule not in ("static", "sequential"):
         assert (ours["tpf"] > 1).any()  # several tokens per step happen, so the rule is really exercised
-    if rule != "sequential":
+    if rule in ("static", "dynamic", "tau_budget"):
         assert (ours["lengths"] < 10).any() and (ours["lengths"] == 10).any()  # rows stop independently
 
 

@@ -24,7 +24,8 @@ from dlmjax import model as M
 from dlmjax.config import ModelConfig
 from dlmjax.decode import rules, sampling, stats
 
-RULES = ("static", "dynamic", "tau_budget", "sequential")
+RULES = ("static", "dynamic", "tau_budget", "sequential", "contiguous_dynamic", "nlc_bounded_dynamic", "gc_dynamic",
+         "entropy_bounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,12 @@ class BlockDecodeConfig:
     block_size: int = 4  # K; blocks aligned to absolute multiples of K
     steps: int = 4  # S: denoising steps per block; static floor sched[i] = K // S + (i < K % S)
     max_new_tokens: int = 128
-    rule: str = "dynamic"  # static | dynamic (TraceRL, c > tau) | tau_budget (SLIM-RL) | sequential
+    rule: str = "dynamic"  # static | dynamic (TraceRL, c > tau) | tau_budget (SLIM-RL) | sequential | the other
+    #                        SLIM-RL engine rules: contiguous_dynamic, nlc_bounded_dynamic, gc_dynamic, entropy_bounded
     tau: float = 0.9
     budget_m: float = 1.0  # tau_budget: b = m (1 - tau); m <= 0 means m = the static count
+    nlc_budget: float = 1.0  # nlc_bounded_dynamic: budget of cumulative -log p
+    eb_threshold: float = 0.35  # entropy_bounded: budget of cumulative entropy (SDAR generate.py CLI default)
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -58,14 +62,31 @@ class BlockDecodeConfig:
         return np.array([k // s + (i < k % s) for i in range(s)], np.int32)
 
 
-def _commit(dc: BlockDecodeConfig, conf, masked, n):
+def _commit(dc: BlockDecodeConfig, conf, masked, n, steps_left, entropy):
     if dc.rule == "static":
         return rules.commit_top_n(conf, masked, n)
     if dc.rule == "dynamic":
         return rules.commit_dynamic_threshold(conf, masked, n, dc.tau)
     if dc.rule == "tau_budget":
         return rules.commit_tau_budget(conf, masked, n, dc.tau, m=dc.budget_m)
+    if dc.rule == "contiguous_dynamic":
+        return rules.commit_contiguous_dynamic(conf, masked, n, dc.tau)
+    if dc.rule == "nlc_bounded_dynamic":
+        return rules.commit_nlc_bounded_dynamic(conf, masked, n, dc.nlc_budget)
+    if dc.rule == "gc_dynamic":
+        return rules.commit_gc_dynamic(conf, masked, steps_left, dc.tau)
+    if dc.rule == "entropy_bounded":
+        return rules.commit_entropy_bounded(entropy, masked, dc.eb_threshold)
     return rules.commit_sequential(masked, n)
+
+
+def _entropy(dc: BlockDecodeConfig, logits, conf_dt, forbid):
+    """Entropy of each slot's filtered distribution (the engine's clamped entropy), for entropy_bounded only."""
+    x = sampling.forbid_token(logits.astype(conf_dt), forbid)
+    if not dc.greedy:
+        x = sampling.filter_logits(x, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p, top_p_first=False,
+                                   prob_dtype=conf_dt)
+    return sampling.clamped_entropy(sampling.probs(x, conf_dt))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -134,7 +155,8 @@ def block_generate(cfg: ModelConfig, dc: BlockDecodeConfig, params, prompts, pro
                                           greedy_decode=dc.greedy, forbid=forbid)
         conf = jnp.where(masked, pr, jnp.asarray(-jnp.inf, conf_dt))
         n = sched[jnp.minimum(c["step"], s - 1)]
-        commit = _commit(dc, conf, masked, n) & den[:, None]
+        ent = _entropy(dc, logits, conf_dt, forbid) if dc.rule == "entropy_bounded" else None
+        commit = _commit(dc, conf, masked, n, s - c["step"], ent) & den[:, None]
         x = c["x"].at[rows, idx].set(jnp.where(commit, x0, xb))
         gstep = (c["n_denoise"] + 1)[:, None]
         step_map = c["step_map"].at[rows, idx].set(jnp.where(commit, gstep, c["step_map"][rows, idx]))

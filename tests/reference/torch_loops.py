@@ -39,7 +39,8 @@ def _filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: f
 
 
 def sdar_block_decode(model, prompt, *, block, steps, max_new, rule, tau=0.9, m=1.0, greedy=True, temperature=1.0,
-                      top_k=0, top_p=1.0, mask_id, stop_ids=(), forbid_mask=False, seed=0):
+                      top_k=0, top_p=1.0, mask_id, stop_ids=(), forbid_mask=False, seed=0, nlc_budget=1.0,
+                      eb_threshold=0.35):
     """One prompt. Returns dict(tokens (completion, cut after the first stop id / max_new), step_map, n_denoise,
     n_save, sampled (list of [K] candidate arrays per denoising step, to replay))."""
     gen = torch.Generator().manual_seed(seed)
@@ -80,6 +81,15 @@ def sdar_block_decode(model, prompt, *, block, steps, max_new, rule, tau=0.9, m=
                 sel = NR.dynamic_threshold(conf, masked[None], n, tau)
             elif rule == "tau_budget":
                 sel = NR.tau_budget(conf, masked[None], n, tau, m=m)
+            elif rule == "contiguous_dynamic":
+                sel = NR.contiguous_dynamic(conf, masked[None], n, tau)
+            elif rule == "nlc_bounded_dynamic":
+                sel = NR.nlc_bounded_dynamic(conf, masked[None], n, nlc_budget)
+            elif rule == "gc_dynamic":
+                sel = NR.gc_dynamic(conf, masked[None], np.array([steps - step]), tau)
+            elif rule == "entropy_bounded":  # entropy of the (filtered) distribution each slot samples from
+                ent = NR.clamped_entropy(p.astype(np.float32)).astype(np.float32)[None]
+                sel = NR.entropy_bounded(ent, masked[None], eb_threshold)
             else:
                 sel = NR.sequential(masked[None], n)
             sel = sel[0] & masked
