@@ -6,6 +6,7 @@ leaf, so the asynchronous dispatch is not mistaken for the compute.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -70,3 +71,16 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([line(headers), sep] + [line(c) for c in cells])
+
+
+def csv_list(kind=str, choices=None):
+    """argparse type: a comma-separated list of `kind` values, each one of `choices` when given."""
+
+    def parse(s: str) -> list:
+        out = [kind(x) for x in s.split(",") if x]
+        for x in out:
+            if choices is not None and x not in choices:
+                raise argparse.ArgumentTypeError(f"{x!r} is not one of {choices}")
+        return out
+
+    return parse

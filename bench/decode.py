@@ -71,27 +71,16 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.common import block, machine_info, markdown_table, timed  # noqa: E402
+from bench.common import block, csv_list, machine_info, markdown_table, timed  # noqa: E402
 from bench.forward import SMOLLM2_135M, TINY  # noqa: E402
 
 SECTIONS = ("overhead", "torch", "cache", "batch", "quality", "profile")
 DEFAULT_SHARPEN = {"SmolLM2-135M": 20.0, "tiny": 48.0}
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
-
-
-def _sections(s: str) -> list[str]:
-    out = [x for x in s.split(",") if x]
-    for x in out:
-        if x not in SECTIONS:
-            raise argparse.ArgumentTypeError(f"section {x!r} is not one of {SECTIONS}")
-    return out
+_ints = csv_list(int)
+_floats = csv_list(float)
+_sections = csv_list(str, SECTIONS)
 
 
 def parse_args(argv=None):

@@ -45,7 +45,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.common import machine_info, markdown_table, median_ms, timed  # noqa: E402
+from bench.common import csv_list, machine_info, markdown_table, median_ms, timed  # noqa: E402
 
 # SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M), geometry and numerics fields only.
 SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
@@ -59,16 +59,8 @@ TINY = dict(SMOLLM2_135M, hidden_size=64, num_hidden_layers=2, num_attention_hea
 DTYPES = ("float32", "bfloat16")
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def _dtypes(s: str) -> list[str]:
-    out = [x for x in s.split(",") if x]
-    for x in out:
-        if x not in DTYPES:
-            raise argparse.ArgumentTypeError(f"dtype {x!r} is not one of {DTYPES}")
-    return out
+_ints = csv_list(int)
+_dtypes = csv_list(str, DTYPES)
 
 
 def parse_args(argv=None):
