@@ -110,7 +110,6 @@ def _generate(cfg, dc, params, prompts, prompt_valid, key, replay_uniforms):
     valid = jnp.concatenate([prompt_valid.astype(bool), jnp.ones((b, g), bool)], axis=1)
     pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     attn = M.padding_mask(valid)  # LLaDA: pad keys hidden, pad queries still attend (spec §2.4)
-    offs = jnp.arange(blk, dtype=jnp.int32)
 
     def decide(carry, logits, start, remaining, i):
         """Apply the rule to the block at `start` given its logits [B, blk, V]; i: this block's step index."""
