@@ -1,0 +1,156 @@
+"""Training objectives as pure functions `loss_fn(params, batch, key) -> (loss, sums)`; the step is generic over them.
+
+batch: {"input_ids": [B, L] int32, "maskable": [B, L] bool (response + trained pads), "length": [B] int32,
+        "row": [B] int32 global row index (added by the step), ("bucket": [B, L] int8 for TRIMS)}.
+sums: additive per-micro-batch counters the step turns into metrics (masked-token accuracy, masked fraction, ...).
+
+The objectives follow dLLM's trainers (spec trims_mdlm.md §3.3 MDLM, §4 BD3LM, §5 TRIMS): CE against the clean
+ids at masked positions, a per-token weight, and token / sequence / batch normalisation of one micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dlmjax.config import ModelConfig
+from dlmjax.model.transformer import hidden_states, lm_head, shift_logits
+from dlmjax.train import noise
+from dlmjax.train.config import ObjectiveConfig
+
+F32 = jnp.float32
+LossFn = Callable[..., tuple]
+
+
+def head_ce(cfg: ModelConfig, params, h, targets):
+    """(CE [B, L] f32, argmax == target [B, L]) of the LM head on hidden states h [B, L, D]."""
+    logits = lm_head(cfg, params, h).astype(F32)  # [B, L, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - tgt, jnp.argmax(logits, axis=-1) == targets
+
+
+def chunked_head_ce(cfg: ModelConfig, params, h, targets, chunk: int):
+    """head_ce over sequence chunks under remat, so [B, L, V] f32 logits never exist (only [B, chunk, V])."""
+    b, n, d = h.shape
+    if chunk <= 0 or chunk >= n:
+        return head_ce(cfg, params, h, targets)
+    if n % chunk:
+        raise ValueError(f"ce_chunk={chunk} does not divide the sequence length {n}")
+    hs = h.reshape(b, n // chunk, chunk, d).swapaxes(0, 1)  # [n/c, B, c, D]
+    ts = targets.reshape(b, n // chunk, chunk).swapaxes(0, 1)
+    fn = jax.checkpoint(lambda hc, tc: head_ce(cfg, params, hc, tc))
+    _, (ce, ok) = jax.lax.scan(lambda c, x: (c, fn(*x)), None, (hs, ts))
+    return ce.swapaxes(0, 1).reshape(b, n), ok.swapaxes(0, 1).reshape(b, n)
+
+
+def normalise(nll, maskable, mode: str):
+    """dLLM's loss_norm_type: token = sum / #maskable; sequence = mean_b(sum_b / #maskable_b); batch = sum / B."""
+    if mode == "token":
+        return nll.sum() / jnp.maximum(maskable.sum(), 1)
+    if mode == "sequence":
+        return jnp.mean(nll.sum(-1) / jnp.maximum(maskable.sum(-1), 1))
+    return nll.sum() / nll.shape[0]
+
+
+def _sums(ce, ok, masked, maskable, extra=None):
+    m = masked.astype(F32)
+    out = {"n_masked": m.sum(), "n_correct": (ok & masked).astype(F32).sum(), "n_maskable": maskable.astype(F32).sum(),
+           "ce_masked": (ce * m).sum(), "n_rows": jnp.asarray(masked.shape[0], F32)}
+    out.update(extra or {})
+    return out
+
+
+def _bidirectional_forward(cfg: ModelConfig, params, tokens, length, right_shift: bool):
+    """Hidden states of the noised rows: LLaDA-style (every key visible, pads too) or Dream-style (pads masked as
+    keys, since dLLM's Dream collator keeps the attention mask); shifted by one for Dream's alignment."""
+    b, n = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    if cfg.family == "dream":
+        valid = jnp.arange(n)[None, :] < length[:, None]
+        mask = jnp.broadcast_to(valid[:, None, :], (b, n, n))
+    else:
+        mask = jnp.ones((1, n, n), bool)
+    h, _ = hidden_states(cfg, params, tokens, pos, mask)
+    return shift_logits(h) if right_shift else h
+
+
+def _weights(oc: ObjectiveConfig, t, masked):
+    if oc.weight == "cart":
+        return noise.cart_weight(masked, oc.cart_p)
+    if oc.weight == "uniform":
+        return jnp.ones(masked.shape, F32)
+    return jnp.broadcast_to(noise.elbo_weight(oc.schedule, t)[:, None], masked.shape)
+
+
+def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int) -> LossFn:
+    """loss_fn(params, batch, key) for the configured objective. global_batch: rows per optimizer step (antithetic
+    time sampling stratifies over it)."""
+    if oc.kind in ("mdlm", "trims") and cfg.attention != "bidirectional":
+        raise ValueError(f"objective={oc.kind} trains a bidirectional denoiser; the {cfg.family} checkpoint has "
+                         f"attention={cfg.attention} (use objective=bd3lm for block-causal SDAR models)")
+    shift = cfg.logit_shift if oc.right_shift is None else oc.right_shift
+    if oc.kind == "bd3lm" and shift:
+        raise ValueError("objective=bd3lm with right-shifted logits is not supported (dLLM's BD3LM trainer has no "
+                         "shift; SDAR predicts in place)")
+
+    def times(key, rows, u):
+        u0 = jax.random.uniform(jax.random.fold_in(key, 0x7FFFFFFF), (), F32) if oc.antithetic else None
+        return noise.sample_times(u, oc.time_eps, oc.antithetic, rows, global_batch, u0)
+
+    def mdlm_like(params, batch, key):
+        ids, maskable = batch["input_ids"], batch["maskable"]
+        scal, u_tok = noise.row_uniforms(key, batch["row"], ids.shape[1], 3)
+        t = times(key, batch["row"], scal[:, 0])
+        extra = {}
+        if oc.kind == "trims":
+            masked, p, traj, _ = noise.trims_mask(
+                scal[:, 1], scal[:, 2], t, u_tok, maskable, batch["bucket"], num_buckets=oc.num_buckets,
+                p_high=oc.p_high, p_low=oc.p_low, rho=oc.rho, k_range=oc.k_range, schedule=oc.schedule)
+            w_std = _weights(oc, t, masked)
+            if oc.weight == "cart":
+                w_traj = w_std
+            elif oc.trims_weight == "inv_p":
+                w_traj = 1.0 / jnp.maximum(p, 1e-6)
+            elif oc.trims_weight == "uniform":
+                w_traj = jnp.ones_like(p)
+            else:  # t_eff: 1 / mean mask probability over the row's maskable tokens
+                t_eff = p.sum(-1) / jnp.maximum(maskable.sum(-1), 1)
+                w_traj = jnp.broadcast_to((1.0 / jnp.maximum(t_eff, 1e-6))[:, None], p.shape)
+            w = jnp.where(traj[:, None], w_traj, w_std)
+            extra = {"n_traj_rows": traj.astype(F32).sum()}
+        else:
+            masked = noise.mdlm_mask(t, u_tok, maskable, oc.schedule)
+            w = _weights(oc, t, masked)
+        x_t = jnp.where(masked, cfg.mask_token_id, ids)
+        h = _bidirectional_forward(cfg, params, x_t, batch["length"], shift)
+        ce, ok = chunked_head_ce(cfg, params, h, ids, oc.ce_chunk)
+        nll = ce * w * masked
+        return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable, extra)
+
+    def bd3lm(params, batch, key):
+        ids, maskable = batch["input_ids"], batch["maskable"]
+        b, n = ids.shape
+        if n % oc.block_size:
+            raise ValueError(f"bd3lm: sequence length {n} is not a multiple of block_size={oc.block_size}")
+        nb = n // oc.block_size
+        scal, u_tok = noise.row_uniforms(key, batch["row"], n, max(nb, 1))
+        if oc.block_noise == "block":
+            t_blk = noise.sample_times(scal[:, :nb], oc.time_eps)  # [B, nb]
+            t_tok = jnp.repeat(t_blk, oc.block_size, axis=1)  # [B, L]
+        else:
+            t_tok = jnp.broadcast_to(times(key, batch["row"], scal[:, 0])[:, None], (b, n))
+        masked = (u_tok < noise.mask_prob(oc.schedule, t_tok)) & maskable
+        w = jnp.ones((b, n), F32) if oc.weight == "uniform" else noise.elbo_weight(oc.schedule, t_tok)
+        x_t = jnp.where(masked, cfg.mask_token_id, ids)
+        tokens = jnp.concatenate([x_t, ids], axis=1)  # [B, 2L] = [x_t ; x_0]
+        pos = jnp.broadcast_to(jnp.tile(jnp.arange(n, dtype=jnp.int32), 2), (b, 2 * n))
+        mask = jnp.asarray(noise.bd3lm_attention_mask(n, oc.block_size))[None]
+        h, _ = hidden_states(cfg, params, tokens, pos, mask)
+        ce, ok = chunked_head_ce(cfg, params, h[:, :n], ids, oc.ce_chunk)
+        nll = ce * w * masked
+        return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable)
+
+    return bd3lm if oc.kind == "bd3lm" else mdlm_like
