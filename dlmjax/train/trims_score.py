@@ -421,8 +421,11 @@ def write_scored_jsonl(records: Sequence[dict], buckets: Sequence, out_path: str
 
 
 def run_trims_score(cfg: TrimsScoreConfig, records: Sequence[dict], examples: Sequence[dict], out_path: str,
-                    log=print) -> dict:
-    """The trims_score job: load teacher + tokenizers, score, bucket, write `out_path`; returns the stats."""
+                    log=print, pad_to: Sequence[int] | None = None) -> dict:
+    """The trims_score job: load teacher + tokenizers, score, bucket, write `out_path`; returns the stats.
+
+    pad_to: per example, the untruncated token count; buckets are extended to it with K (the SFT reader clips the
+    record's bucket together with its ids, so the clipped tail's value never reaches training)."""
     from transformers import AutoTokenizer
 
     from dlmjax.checkpoint import load_checkpoint
@@ -435,7 +438,10 @@ def run_trims_score(cfg: TrimsScoreConfig, records: Sequence[dict], examples: Se
     res = score_dataset(tcfg, params, t_tok, s_tok, examples, K=cfg.K, order=cfg.order, metric=cfg.metric,
                         batch_size=cfg.batch_size, seed=cfg.seed, max_length=cfg.max_length,
                         length_bucket=cfg.length_bucket, chunk=cfg.chunk)
-    write_scored_jsonl(records, res.bucket, out_path)
+    buckets = res.bucket
+    if pad_to is not None:
+        buckets = [np.concatenate([b, np.full(max(n - len(b), 0), cfg.K, np.int8)]) for b, n in zip(buckets, pad_to)]
+    write_scored_jsonl(records, buckets, out_path)
     st = res.stats
     log(f"trims_score summary: examples={st['examples']} scored_tokens={st['scored_tokens']} "
         f"special_tokens={st['special_tokens']} unscored_text_tokens={st['unscored_text_tokens']} "
