@@ -204,7 +204,7 @@ def main(argv):
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     check_job_flags(FLAGS.job)
     jobs = {"parity": run_parity, "decode": run_decode, "demo": run_demo, "sft": train_flags.run_sft_job,
-            "trims_score": train_flags.run_trims_score_job, "eval": train_flags.run_eval_job}
+            "trims_score": train_flags.run_trims_score_job, "eval": lambda: train_flags.run_eval_job(decode_configs)}
     return _errors_to_exit(jobs[FLAGS.job])
 
 

@@ -222,8 +222,8 @@ def run_trims_score_job() -> int:
     kept, examples = [], []
     for i, rec in enumerate(records):
         ex = tokenize_record(tok, rec, F.max_length, F.truncation, F.chat_template, where=f"{F.data} record {i}")
-        if ex is not None:
-            kept.append(rec)
+        if ex is not None:  # write back the record as it was read (read_records adds "messages" to prompt/response)
+            kept.append({k: v for k, v in rec.items() if k != "messages"} if "prompt" in rec else rec)
             examples.append({**ex, "messages": rec["messages"]})
     print(f"trims_score: {len(examples)} examples ({skipped} malformed skipped, {len(records) - len(kept)} dropped "
           "by truncation)")
@@ -231,7 +231,8 @@ def run_trims_score_job() -> int:
     return 0
 
 
-def run_eval_job() -> int:
+def run_eval_job(decode_configs) -> int:
+    """decode_configs: the launcher's decoder-flag mapping (passed in: dlmjax.launch runs as __main__)."""
     import dataclasses
     import os
 
@@ -240,8 +241,6 @@ def run_eval_job() -> int:
     for name in ("ckpt", "data", "workdir"):
         if not F[name].value:
             raise app.UsageError(f"--{name} is required for --job=eval")
-    from dlmjax.launch import decode_configs
-
     _, dc = decode_configs(check_io=False)
     rules = F.rules or [dc.rule if hasattr(dc, "rule") else "default"]
     runs = []
