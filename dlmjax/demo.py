@@ -25,9 +25,9 @@ from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
 class DemoConfig:
     workdir: str = "runs/demo"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 1000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     max_digits: int = 3
     n_train: int = 20000
     n_test: int = 256

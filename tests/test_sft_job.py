@@ -32,12 +32,12 @@ def task(tmp_path_factory):
     return tok, str(d / "train.jsonl")
 
 
-def _run(workdir, tok, data_path, steps=6, stop_at=0, oc=ObjectiveConfig(), lc=LoRAConfig(), **job_kw):
+def _run(workdir, tok, data_path, steps=6, stop_at=0, oc=ObjectiveConfig(), lc=LoRAConfig(), lr=3e-3, **job_kw):
     cfg = model_config(DC, tok)
     job = SFTJobConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=3, keep=3, stop_at=stop_at,
                        tensorboard=False, export=False, **job_kw)
     data = SFTDataConfig(path=data_path, max_length=DC.max_length, global_batch_size=8, seed=1)
-    opt = OptimConfig(lr=3e-3, total_steps=steps, warmup_steps=1)
+    opt = OptimConfig(lr=lr, total_steps=steps, warmup_steps=1)
     return run_sft(job, cfg, build_model(cfg, 0), tok, data, oc, opt, StepConfig(global_batch=8, seed=2),
                    MeshConfig(), lc, log=lambda *_: None)
 
@@ -73,6 +73,41 @@ def test_interrupted_save_is_never_latest(task, tmp_path):
     assert out["step"] == 6
 
 
+@pytest.mark.slow
+def test_resume_on_a_different_mesh():
+    """Saved on a (data 8) mesh, resumed on (data 2, fsdp 2, tensor 2): same trajectory as a straight run there."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "tests.workers.reshard_resume"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["resumed_at"] == 4 and out["wq_spec"] == "P(None, 'fsdp', 'tensor', None)"
+    np.testing.assert_allclose(out["split"], out["straight"], rtol=1e-4)
+    assert out["rel"] < 1e-4, out
+
+
+def test_sigterm_saves_and_stops(task, tmp_path):
+    """A preemption signal mid-run: the job saves at the next step boundary and leaves; a rerun resumes there."""
+    import signal
+
+    tok, path = task
+    fired = []
+
+    def log(msg):
+        if msg.startswith("step 2/") and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # our handler is installed: it only sets a flag
+
+    cfg = model_config(DC, tok)
+    job = SFTJobConfig(workdir=str(tmp_path), steps=50, log_every=1, save_every=100, tensorboard=False, export=False)
+    data = SFTDataConfig(path=path, max_length=DC.max_length, global_batch_size=8, seed=1)
+    out = run_sft(job, cfg, build_model(cfg, 0), tok, data, ObjectiveConfig(), OptimConfig(total_steps=50),
+                  StepConfig(global_batch=8), MeshConfig(), LoRAConfig(), log=log)
+    assert out["status"] == "preempted" and out["step"] == 2
+    assert sorted(int(x) for x in os.listdir(tmp_path / "checkpoints") if x.isdigit()) == [2]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+
+
 def test_resume_with_other_objective_is_refused(task, tmp_path):
     tok, path = task
     _run(tmp_path, tok, path, stop_at=3)
@@ -98,9 +133,9 @@ def test_malformed_line_and_mismatched_tokenizer(task, tmp_path):
 
 def test_loss_decreases_on_synthetic_task(task, tmp_path):
     tok, path = task
-    out = _run(tmp_path, tok, path, steps=60)
+    out = _run(tmp_path, tok, path, steps=120)
     ce = [h["ce_masked"] for h in out["history"]]  # unweighted masked CE: far less noisy than the 1/t-weighted loss
-    assert np.mean(ce[-10:]) < 0.75 * np.mean(ce[:4]), ce
+    assert np.mean(ce[-10:]) < np.mean(ce[:4]) - 0.4, ce  # starts near ln(16) = 2.77
 
 
 def _launch(*args, timeout=900):
@@ -128,7 +163,7 @@ def test_launch_sft_then_export_to_hf(task, tmp_path):
     assert (final / "params.safetensors").exists() and (final / "tokenizer.json").exists()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tb"))
     hf = tmp_path / "hf"
-    e = subprocess.run([sys.executable, "-m", "convert", "export", str(final), str(hf)], cwd=ROOT,
+    e = subprocess.run([sys.executable, "-m", "convert", "export", "--src", str(final), "--dst", str(hf)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr[-2000:]
     from safetensors.numpy import load_file

@@ -9,6 +9,7 @@ shardings, so a run can resume on a different mesh or process count.
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -22,7 +23,9 @@ class ResumeError(ValueError):
 
 def manager(directory: str, save_every: int, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """CheckpointManager keeping the last `max_to_keep` steps, saving every `save_every` steps (force=True saves now)."""
-    opts = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True,
+    # An explicit policy: orbax's default also saves the very first step, which is wasted I/O on a big model.
+    policy = ocp.checkpoint_managers.FixedIntervalPolicy(save_every)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, save_decision_policy=policy,
                                         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=opts,
                                  item_names=("state", "data", "meta"))
@@ -48,10 +51,31 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
     """(state, meta) of `step`; the grain iterator (if given) is moved to the saved position in place."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iter is not None:
+    other = _other_process_count_position(mngr, step) if data_iter is not None else None
+    if data_iter is not None and other is None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = mngr.restore(step, args=ocp.args.Composite(**args))
+    if other is not None:
+        data_iter.set_state(other)
+        data_iter.start_prefetch()  # as grain's own CheckpointHandler.restore does
     return out["state"], out["meta"]
+
+
+def _other_process_count_position(mngr: ocp.CheckpointManager, step: int):
+    """None when the checkpoint holds this process's iterator file (the normal case). Otherwise it was saved by a
+    different process count: grain keeps one `process_<i>-of-<n>.json` per saving process and would fail on the
+    missing file. The SFT iterator's position is the global-batch index, the same in every process, so when all saved
+    positions agree that position is valid for any process count; when they differ, refuse."""
+    d = mngr.directory / str(step) / "data"  # an epath: local or gs://
+    if not d.exists() or (d / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+        return None
+    saved = sorted(d.glob("process_*-of-*.json"))
+    states = {f.read_text() for f in saved}
+    if len(states) != 1:
+        raise ResumeError(f"{d}: cannot resume with {jax.process_count()} processes: the data iterator positions "
+                          f"saved by another process count ({len(saved)} files) are missing or differ (resume with "
+                          "the process count that saved them)")
+    return json.loads(states.pop())
 
 
 def check_compatible(saved: dict, current: dict, keys, where: str):

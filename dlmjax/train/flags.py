@@ -108,6 +108,16 @@ DEMO_FLAGS = ("workdir", "train_steps", "demo_digits", "seed", "batch_size", "lr
 EVAL_FLAGS = ("ckpt", "data", "workdir", "scorer", "rules", "batch_size", "seed", "dtype")
 
 
+def require_dir(flag: str, path: str, what: str = "a checkpoint directory"):
+    """A path flag must name an existing directory (else a CheckpointError naming the flag and the path)."""
+    import os
+
+    from dlmjax.checkpoint import CheckpointError
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--{flag}={path}: not {what} (no such directory)")
+
+
 def _usage(fn):
     try:
         return fn()
@@ -179,6 +189,7 @@ def sft_configs(n_examples_fn):
 
 def run_sft_job() -> int:
     import dataclasses
+    import functools
 
     from transformers import AutoTokenizer
 
@@ -187,14 +198,19 @@ def run_sft_job() -> int:
     from dlmjax.train.sft import run_sft
 
     _initialize_distributed()
-    tok = AutoTokenizer.from_pretrained(F.init_ckpt) if F.init_ckpt else None
+
+    @functools.lru_cache(maxsize=None)
+    def tokenizer():
+        require_dir("init_ckpt", F.init_ckpt)
+        return AutoTokenizer.from_pretrained(F.init_ckpt)
 
     def count():
         cfg = SFTDataConfig(path=F.data, max_length=F.max_length, global_batch_size=F.batch_size,
                             truncation=F.truncation, skip_malformed=F.skip_malformed, chat_template=F.chat_template)
-        return len(build_examples(cfg, tok)[0])
+        return len(build_examples(cfg, tokenizer())[0])
 
     job, data, oc, opt, sc, mc, lc = sft_configs(count)
+    tok = tokenizer()
     cfg, params = load_checkpoint(F.init_ckpt, dtype=F.param_dtype, compute_dtype=F.compute_dtype, remat=F.remat)
     if F.loss_weight is None and cfg.family == "dream":
         oc = dataclasses.replace(oc, weight="cart")  # dLLM's DreamTrainer default
@@ -214,6 +230,8 @@ def run_trims_score_job() -> int:
     student = F.student_tokenizer or F.init_ckpt
     if not student:
         raise app.UsageError("--job=trims_score needs --student_tokenizer (or --init_ckpt)")
+    require_dir("teacher_ckpt", F.teacher_ckpt)
+    require_dir("student_tokenizer" if F.student_tokenizer else "init_ckpt", student, "a tokenizer directory")
     cfg = _usage(lambda: TrimsScoreConfig(teacher_ckpt=F.teacher_ckpt, student_tokenizer=student, K=F.num_buckets,
                                           order=F.bucket_order, metric=F.difficulty, batch_size=F.batch_size,
                                           max_length=F.teacher_max_length, seed=F.seed))

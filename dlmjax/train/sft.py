@@ -68,13 +68,20 @@ def check_tokenizer(cfg: ModelConfig, tokenizer, where: str):
 
 
 def _install_sigterm():
-    """SIGTERM (preemption) -> save at the next step boundary and leave. Returns the flag list and a restore fn."""
+    """SIGTERM (preemption) -> save at the next step boundary and leave. Returns a `preempted(step)` predicate and a
+    restore fn. Multi-process: JAX's preemption sync service (started by jax.distributed.initialize; its SIGTERM
+    notifier must not be replaced by a Python handler) tells every process to stop at the *same* step, even when
+    only some of them got the signal; a per-process flag would let them diverge and hang in the next collective."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point, lambda: None
     flag = []
     try:
         old = signal.signal(signal.SIGTERM, lambda *_: flag.append(True))
     except ValueError:  # not the main thread
-        return flag, lambda: None
-    return flag, lambda: signal.signal(signal.SIGTERM, old)
+        return lambda _: False, lambda: None
+    return lambda _: bool(flag), lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _writer(job: SFTJobConfig):
@@ -173,14 +180,17 @@ def run_sft(job: SFTJobConfig, model_cfg: ModelConfig, params, tokenizer, data: 
                     f"grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} tokens/s {row['tokens_per_s']:.0f} "
                     f"step {row['step_time_s'] * 1e3:.0f} ms")
                 pending, t_log = [], time.perf_counter()
-            if preempted or (job.stop_at and step >= job.stop_at and step < job.steps):
-                stopped = "preempted" if preempted else "stopped"
+            pre = preempted(step)  # multi-process: a collective decision; call it once at every step
+            if pre or (job.stop_at and step >= job.stop_at and step < job.steps):
+                stopped = "preempted" if pre else "stopped"
                 break
             ckpt_lib.save(mngr, step, state, it, meta)
         mngr.wait_until_finished()
         if step not in mngr.all_steps():
             ckpt_lib.save(mngr, step, state, it, meta, force=True)
         mngr.wait_until_finished()
+        if stopped != "done":
+            log(f"{stopped} at step {step}/{job.steps}; checkpoint saved, rerun to resume")
     finally:
         bar.close()
         restore_signal()
