@@ -66,6 +66,8 @@ flags.DEFINE_list("stop_ids", None, "decode (sdar): stop token ids (default: the
 flags.DEFINE_bool("forbid_mask_token", False, "decode: never sample the mask token (the references can).")
 flags.DEFINE_bool("logits_eos_inf", False, "decode (llada): EOS logit -inf (LLaDA's flag for HumanEval).")
 flags.DEFINE_bool("confidence_eos_eot_inf", False, "decode (llada): EOS/EoT confidence 0 (LLaDA's flag).")
+flags.DEFINE_float("cfg_scale", 0.0, "decode (llada): classifier-free guidance scale w (0 = off); the unconditional "
+                   "branch masks the prompt (LLaDA's generate.py).", lower_bound=0.0)
 flags.DEFINE_enum("llada_cache", "none", ("none", "prefix", "dual"), "decode (llada): Fast-dLLM v1 approximate KV "
                   "cache, refreshed at each block start (none = exact).")
 
@@ -78,7 +80,7 @@ flags.DEFINE_float("nlc_budget", 1.0, "decode (sdar): nlc_bounded_dynamic budget
 flags.DEFINE_float("eb_threshold", 0.35, "decode (sdar): entropy_bounded budget of cumulative entropy.")
 
 _SDAR_ONLY = ("greedy", "stop_ids", "nlc_budget", "eb_threshold")
-_LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache")
+_LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache", "cfg_scale")
 _DREAM_ONLY = ("dream_alg", "alg_temp", "eps")
 _ONLY = {"sdar": _SDAR_ONLY + ("top_k", "top_p"), "llada": _LLADA_ONLY, "dream": _DREAM_ONLY + ("top_k", "top_p")}
 _DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "chat_template", "dtype",
@@ -157,7 +159,8 @@ def decode_configs(check_io: bool = True):
                                 factor=FLAGS.factor, conf_dtype=FLAGS.conf_dtype or "",
                                 logits_eos_inf=FLAGS.logits_eos_inf,
                                 confidence_eos_eot_inf=FLAGS.confidence_eos_eot_inf,
-                                forbid_mask_token=FLAGS.forbid_mask_token, cache=FLAGS.llada_cache)
+                                forbid_mask_token=FLAGS.forbid_mask_token, cache=FLAGS.llada_cache,
+                                cfg_scale=FLAGS.cfg_scale)
         if not check_io:
             return None, dc
         job = DecodeJobConfig(ckpt=FLAGS.ckpt, prompts=FLAGS.prompts, out=FLAGS.out, decoder=d,

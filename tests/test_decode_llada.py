@@ -51,6 +51,23 @@ def test_greedy_matches_reference(llada, rule, steps, kw):
         np.testing.assert_allclose(ours["tpf"], 12 / 6)  # exactly the static schedule
 
 
+@pytest.mark.parametrize("rule", ["low_confidence", "tau_budget"])
+def test_cfg_guidance_matches_reference(llada, rule):
+    """cfg_scale > 0: the unconditional branch masks the prompt area; l = l_u + (w + 1)(l_c - l_u)."""
+    model, cfg, params = llada
+    dc = LLaDADecodeConfig(gen_length=8, block_length=4, steps=4, rule=rule, tau=0.6, cfg_scale=1.5)
+    ours = jax.device_get(generate(cfg, dc, params, PROMPTS, VALID, jax.random.key(0)))
+    refs = [TL.llada_generate(model, PROMPTS[i], VALID[i], gen=8, block=4, steps=4, rule=rule, tau=0.6,
+                              mask_id=cfg.mask_token_id, conf_dtype=np.float32 if rule == "low_confidence"
+                              else np.float64, cfg_scale=1.5) for i in range(3)]
+    _compare(ours, refs)
+    plain = jax.device_get(generate(cfg, LLaDADecodeConfig(gen_length=8, block_length=4, steps=4, rule=rule, tau=0.6),
+                                    params, PROMPTS, VALID, jax.random.key(0)))
+    assert (np.asarray(plain["tokens"]) != np.asarray(ours["tokens"])).any()  # guidance changed something
+    with pytest.raises(ValueError, match="cfg_scale"):
+        LLaDADecodeConfig(cfg_scale=1.0, cache="prefix")
+
+
 def test_random_remasking_with_replayed_uniforms(llada):
     model, cfg, params = llada
     rng = np.random.default_rng(0)

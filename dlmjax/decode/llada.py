@@ -51,6 +51,7 @@ class LLaDADecodeConfig:
     eot_token_id: int = 126348
     forbid_mask_token: bool = False
     cache: str = "none"  # none | prefix | dual: Fast-dLLM v1's approximate caches, refreshed at each block start
+    cfg_scale: float = 0.0  # > 0: classifier-free guidance l_u + (w + 1)(l_c - l_u), unconditional = prompt masked
 
 
     def __post_init__(self):
@@ -61,6 +62,11 @@ class LLaDADecodeConfig:
         if self.gen_length % self.block_length:
             raise ValueError(f"LLaDADecodeConfig: gen_length={self.gen_length} is not a multiple of "
                              f"block_length={self.block_length}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"LLaDADecodeConfig.cfg_scale: {self.cfg_scale} must be >= 0")
+        if self.cfg_scale > 0 and self.cache != "none":
+            raise ValueError("LLaDADecodeConfig: cfg_scale > 0 needs cache=none (LLaDA's guidance runs full "
+                             "forwards; Fast-dLLM's caches do not combine with it)")
         nb = self.gen_length // self.block_length
         if self.steps % nb:
             raise ValueError(f"LLaDADecodeConfig: steps={self.steps} is not a multiple of the number of blocks {nb}")
@@ -165,6 +171,14 @@ def _generate(cfg, dc, params, prompts, prompt_valid, key, replay_uniforms):
 
     def full_logits(x, start, cache=None):
         """Whole-canvas forward (optionally filling a fresh cache); logits only for the block."""
+        if dc.cfg_scale > 0:  # LLaDA's CFG: one forward over [x ; x with the whole prompt area (pads too) masked]
+            un_x = x.at[:, :lp].set(mask_id)
+            h, _ = M.hidden_states(cfg, params, jnp.concatenate([x, un_x]), jnp.concatenate([pos, pos]),
+                                   jnp.concatenate([attn, attn]))
+            lg = M.lm_head(cfg, params, jax.lax.dynamic_slice_in_dim(h, start, blk, axis=1))
+            cond, uncond = lg[:b], lg[b:]
+            w = jnp.asarray(dc.cfg_scale + 1.0, lg.dtype)  # model-dtype arithmetic, as the reference
+            return uncond + w * (cond - uncond), None
         h, cache = M.hidden_states(cfg, params, x, pos, attn, cache, None if cache is None else 0)
         return M.lm_head(cfg, params, jax.lax.dynamic_slice_in_dim(h, start, blk, axis=1)), cache
 

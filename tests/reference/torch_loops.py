@@ -134,7 +134,7 @@ def _llada_cached_logits(model, x, val, a, e, mode, pkv0):
 
 
 def llada_generate(model, prompt, valid, *, gen, block, steps, rule, mask_id, tau=0.9, m=1.0, factor=1.0,
-                   temperature=0.0, conf_dtype=np.float32, uniforms=None, cache="none"):
+                   temperature=0.0, conf_dtype=np.float32, uniforms=None, cache="none", cfg_scale=0.0):
     """LLaDA generate (spec §6.1) for one left-padded row; rules of §6.4.1 and the SLIM-RL port (§0.3); Fast-dLLM's
     prefix / dual cache (§6.4.2) refreshed by the full forward at each block's first step.
 
@@ -152,7 +152,13 @@ def llada_generate(model, prompt, valid, *, gen, block, steps, rule, mask_id, ta
         i = 0
         max_steps = s if rule in ("low_confidence", "random") else block
         while (x[a:e] == mask_id).any() and i < max_steps:
-            if cache == "none":
+            if cfg_scale > 0:  # guidance: unconditional = the prompt index P (frozen at start, pads included) masked
+                un_x = x.copy()
+                un_x[:lp] = mask_id
+                both = R.hf_logits(model, np.stack([x, un_x]), R.llada_allowed(np.stack([val, val])))[:, a:e]
+                c, u = both[0].astype(np.float32), both[1].astype(np.float32)
+                logits = (u + np.float32(cfg_scale + 1) * (c - u)).astype(np.float64)
+            elif cache == "none":
                 logits = R.hf_logits(model, x[None], R.llada_allowed(val[None]))[0, a:e].astype(np.float64)
             elif i == 0:
                 with torch.no_grad():
