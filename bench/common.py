@@ -84,3 +84,39 @@ def csv_list(kind=str, choices=None):
         return out
 
     return parse
+
+
+def write_llada_hf(dst: str, state_dict: dict, llama_config, geometry: dict, mask_id: int, tie: bool):
+    """A torch Llama state dict saved as a released-layout LLaDA checkpoint (LLaDA key names + LLaDA config.json),
+    so `import_hf` reads it as family llada; the benchmarks' way to give both sides the same weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tests.reference import hf_models as R
+
+    raw = R.llada_config(llama_config, tie=tie)
+    raw.update(rope_theta=geometry["rope_theta"], max_sequence_length=geometry["max_position_embeddings"],
+               mask_token_id=mask_id, eos_token_id=geometry["eos_token_id"], pad_token_id=geometry["eos_token_id"])
+    os.makedirs(dst)
+    save_file(R.to_llada_names(state_dict, llama_config.num_hidden_layers), os.path.join(dst, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every markdown table printed in `text`, as a list of {header: cell} rows (the smoke tests read them back)."""
+    import re
+
+    tables, cur = [], []
+    for ln in text.splitlines() + [""]:
+        if ln.startswith("|"):
+            cur.append(ln)
+        elif cur:
+            header = [c.strip() for c in cur[0].strip("|").split("|")]
+            if not re.fullmatch(r"\|[-:|]+\|", cur[1]):
+                raise ValueError(f"not a markdown table separator: {cur[1]!r}")
+            tables.append([dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in cur[2:]])
+            cur = []
+    return tables

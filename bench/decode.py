@@ -71,7 +71,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from bench.common import block, csv_list, machine_info, markdown_table, timed  # noqa: E402
+from bench.common import block, csv_list, machine_info, markdown_table, timed, write_llada_hf  # noqa: E402
 from bench.forward import SMOLLM2_135M, TINY  # noqa: E402
 
 SECTIONS = ("overhead", "torch", "cache", "batch", "quality", "profile")
@@ -162,11 +162,9 @@ def build_models(geometry: dict, work: str, seed: int, sharpen: float, block_siz
     """{'sdar': (torch Qwen3, cfg, params), 'llada': (torch Llama, cfg, params)} holding the same f32 weights."""
     import torch
     import transformers
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from dlmjax.checkpoint import import_hf, load_checkpoint
-    from tests.reference import hf_models as R
 
     transformers.utils.logging.disable_progress_bar()
     mask_id = geometry["vocab_size"] - 1
@@ -194,15 +192,8 @@ def build_models(geometry: dict, work: str, seed: int, sharpen: float, block_siz
     with torch.no_grad():
         lm.model.norm.weight.fill_(sharpen)
     sd = {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}
-    raw = R.llada_config(lcfg, tie=False)
-    raw.update(rope_theta=geometry["rope_theta"], max_sequence_length=geometry["max_position_embeddings"],
-               mask_token_id=mask_id, eos_token_id=geometry["eos_token_id"], pad_token_id=geometry["eos_token_id"])
     hf = os.path.join(work, "llada_hf")
-    os.makedirs(hf)
-    save_file(R.to_llada_names(sd, lcfg.num_hidden_layers), os.path.join(hf, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(hf, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
+    write_llada_hf(hf, sd, lcfg, geometry, mask_id, tie=False)
     import_hf(hf, os.path.join(work, "llada"))
     cfg, params = load_checkpoint(os.path.join(work, "llada"))
     assert cfg.family == "llada" and cfg.mask_token_id == mask_id

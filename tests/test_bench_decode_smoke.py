@@ -7,11 +7,12 @@ not the timings.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
+
+from bench.common import markdown_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,17 +24,7 @@ HEADINGS = ("### Loop overhead", "### Ours vs the PyTorch loop", "### KV cache",
 
 
 def _tables(stdout: str) -> list[list[dict]]:
-    """Every markdown table of the output as a list of {header: cell} rows."""
-    tables, cur = [], []
-    for ln in stdout.splitlines() + [""]:
-        if ln.startswith("|"):
-            cur.append(ln)
-        elif cur:
-            header = [c.strip() for c in cur[0].strip("|").split("|")]
-            assert re.fullmatch(r"\|[-:|]+\|", cur[1]), cur[1]
-            tables.append([dict(zip(header, (c.strip() for c in r.strip("|").split("|")))) for r in cur[2:]])
-            cur = []
-    return tables
+    return markdown_tables(stdout)
 
 
 def test_decode_bench_quick(tmp_path):
