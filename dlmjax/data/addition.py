@@ -2,10 +2,11 @@
 character-level Hugging Face tokenizer with a chat template (so the demo goes through the same data, checkpoint and
 decode paths as a real model).
 
-A record: {"prompt": "457+038", "response": "457+038=0495", "answer": "0495"}. Operands are zero-padded to a fixed
-width (every digit sits at a fixed position, so a small model learns the column algorithm quickly) and the response
-restates the problem before the sum (the "worked" part): the copied operands are easy tokens the decoders can commit
-in parallel, the sum digits (the carries) are the hard ones.
+A record: {"prompt": "457+038", "response": "0010=0495", "answer": "0495"}. Operands are zero-padded to a fixed
+width (every digit sits at a fixed column) and the response is a short worked answer: the carry into each column,
+then the sum. With the carries written out, every answer token is a function of three visible tokens (two operand
+digits and a carry), which a small model learns far faster than the bare sum; the trailing EOS padding is the easy
+part the parallel decoders commit early, the carry chain the hard part.
 """
 
 from __future__ import annotations
@@ -41,10 +42,21 @@ def problem(rng: random.Random, max_digits: int) -> tuple[int, int]:
     return rng.randrange(10 ** max_digits), rng.randrange(10 ** max_digits)
 
 
+def carries(a: int, b: int, digits: int) -> str:
+    """The carry into each column of the sum, most significant first (d+1 digits; the units column gets 0)."""
+    out, c = [], 0
+    for _ in range(digits):
+        out.append(c)
+        c = (a % 10 + b % 10 + c) // 10
+        a, b = a // 10, b // 10
+    out.append(c)
+    return "".join(str(x) for x in reversed(out))
+
+
 def record(a: int, b: int, digits: int) -> dict:
     q = f"{a:0{digits}d}+{b:0{digits}d}"
     s = f"{a + b:0{digits + 1}d}"
-    return {"prompt": q, "response": f"{q}={s}", "answer": s}
+    return {"prompt": q, "response": f"{carries(a, b, digits)}={s}", "answer": s}
 
 
 def make_splits(n_train: int, n_test: int, max_digits: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -85,9 +85,18 @@ def _weights(oc: ObjectiveConfig, t, masked):
     return jnp.broadcast_to(noise.elbo_weight(oc.schedule, t)[:, None], masked.shape)
 
 
-def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int) -> LossFn:
+def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mesh=None) -> LossFn:
     """loss_fn(params, batch, key) for the configured objective. global_batch: rows per optimizer step (antithetic
-    time sampling stratifies over it)."""
+    time sampling stratifies over it). mesh: pins the activations' batch dim to the (data, fsdp) axes (the hidden
+    states [B, L, D] entering the LM head / CE), instead of leaving their layout to GSPMD propagation."""
+    def constrain(h):
+        if mesh is None:
+            return h
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+
     if oc.kind in ("mdlm", "trims") and cfg.attention != "bidirectional":
         raise ValueError(f"objective={oc.kind} trains a bidirectional denoiser; the {cfg.family} checkpoint has "
                          f"attention={cfg.attention} (use objective=bd3lm for block-causal SDAR models)")
@@ -125,7 +134,7 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int) -> 
             masked = noise.mdlm_mask(t, u_tok, maskable, oc.schedule)
             w = _weights(oc, t, masked)
         x_t = jnp.where(masked, cfg.mask_token_id, ids)
-        h = _bidirectional_forward(cfg, params, x_t, batch["length"], shift)
+        h = constrain(_bidirectional_forward(cfg, params, x_t, batch["length"], shift))
         ce, ok = chunked_head_ce(cfg, params, h, ids, oc.ce_chunk)
         nll = ce * w * masked
         return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable, extra)
@@ -149,7 +158,7 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int) -> 
         pos = jnp.broadcast_to(jnp.tile(jnp.arange(n, dtype=jnp.int32), 2), (b, 2 * n))
         mask = jnp.asarray(noise.bd3lm_attention_mask(n, oc.block_size))[None]
         h, _ = hidden_states(cfg, params, tokens, pos, mask)
-        ce, ok = chunked_head_ce(cfg, params, h[:, :n], ids, oc.ce_chunk)
+        ce, ok = chunked_head_ce(cfg, params, constrain(h[:, :n]), ids, oc.ce_chunk)
         nll = ce * w * masked
         return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable)
 

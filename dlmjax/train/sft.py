@@ -139,7 +139,7 @@ def run_sft(job: SFTJobConfig, model_cfg: ModelConfig, params, tokenizer, data: 
 
     batch_sh = {k: jax.sharding.NamedSharding(mesh, mesh_lib.batch_spec(mesh, 2 if k != "length" else 1))
                 for k in BATCH_KEYS if k != "bucket" or oc.kind == "trims"}
-    loss_fn = make_objective(model_cfg, oc, sc.global_batch)
+    loss_fn = make_objective(model_cfg, oc, sc.global_batch, mesh)
     step_fn = step_lib.make_train_step(loss_fn, sc, opt, tx, combine, mesh, state_sh, frozen_sh, batch_sh)
     key = jax.random.key(sc.seed)
     tokens_per_step = sc.global_batch * data.max_length

@@ -24,7 +24,7 @@ def main():
     tok = addition.make_tokenizer()
     train, _ = addition.make_splits(64, 4, 2, seed=0)
     addition.write_jsonl(f"{d}/train.jsonl", train)
-    dc = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=10)
+    dc = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=8)
     cfg = model_config(dc, tok)
 
     def run(workdir, mesh, stop_at=0):

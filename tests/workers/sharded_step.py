@@ -59,7 +59,7 @@ def run(devices, mc, oc, lc, sc, cfg, n_steps=3):
         frozen = jax.device_put(frozen, frozen_sh)
     b0 = batch(0)
     batch_sh = mesh_lib.batch_shardings(mesh, b0)
-    loss_fn = make_objective(cfg, oc, sc.global_batch)
+    loss_fn = make_objective(cfg, oc, sc.global_batch, mesh)
     fn = step_lib.make_train_step(loss_fn, sc, opt, tx, combine, mesh, state_sh, frozen_sh, batch_sh)
     losses = []
     for i in range(n_steps):
