@@ -65,6 +65,28 @@ def test_top_p_keep_matches_sorting_reference(dtype):
     assert edge_rows <= 0.05 * 4 * R
 
 
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=str)
+def test_top_p_candidate_fast_path(dtype):
+    """The top-C fast path (C = 12 here) decides sharp rows itself and falls back to the bisection when a nucleus is
+    wider than C; both give the sorting reference's answer (edge rows as above)."""
+    f = jax.jit(partial(S.top_p_keep, candidates=12))
+    for seed, top_p, sharp in [(200, 0.3, 5.0), (201, 0.9, 5.0), (202, 0.9, 0.5)]:
+        x = (random_logits(seed, np.float32, ties=False).astype(np.float64) * sharp).astype(np.float32).astype(dtype)
+        got = np.asarray(f(jnp.asarray(x), top_p))
+        want = NP.top_p_keep(x, top_p, dtype)
+        edge = ((NP.top_p_keep(x, top_p, dtype, eps=2e-6) != want)
+                | (NP.top_p_keep(x, top_p, dtype, eps=-2e-6) != want)).any(1)
+        np.testing.assert_array_equal(got[~edge], want[~edge])
+        assert edge.sum() <= 0.05 * R
+    # sharp rows: every nucleus ends inside the 12 candidates, so the fast path alone decided (no fallback)
+    x = jnp.asarray(random_logits(203, np.float32, ties=False) * 8.0)
+    keep = np.asarray(f(x, 0.5))
+    assert keep.sum(1).max() < 12
+    ties = jnp.asarray([[0.0] * 4 + [-jnp.inf] * 20], jnp.float32)           # equal logits: lower index kept first
+    assert np.asarray(jax.jit(partial(S.top_p_keep, candidates=6))(ties, 0.3))[0, :4].tolist() == [True, True,
+                                                                                                    False, False]
+
+
 def test_top_p_ties_resolved_by_index():
     f = jax.jit(S.top_p_keep)                                            # top_p traced: one compilation
     x = jnp.asarray([[0.0] * 4 + [-jnp.inf] * 2, [0.0, 5.0, 0.0, 0.0, 5.0, -jnp.inf]], jnp.float32)

@@ -86,8 +86,38 @@ def _order_key(x: jax.Array) -> jax.Array:
     return jnp.where(sign == 1, ~bits, bits | top)
 
 
-def top_p_keep(logits: jax.Array, top_p: float | None, *, prob_dtype=None) -> jax.Array:
+def top_p_keep(logits: jax.Array, top_p: float | None, *, prob_dtype=None, candidates: int = 256) -> jax.Array:
     """Keep-mask of nucleus filtering with the references' shifted-removal rule, without a vocabulary sort.
+
+    Fast path: the `candidates` largest logits (lax.top_k; ties lower index first), their rounded probabilities,
+    a cumulative sum in the references' order and the shifted removal. It decides a row exactly when the nucleus
+    ends inside the candidates (some candidate is removed); when any row's nucleus is wider, the whole call falls
+    back to the bisection below (`_top_p_keep_bisect`), so results never depend on `candidates`.
+    """
+    if top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1):
+        return jnp.ones(logits.shape, bool)
+    v = logits.shape[-1]
+    if candidates <= 0 or candidates >= v:
+        return _top_p_keep_bisect(logits, top_p, prob_dtype=prob_dtype)
+    pd = jnp.dtype(prob_dtype or logits.dtype)
+    acc = _acc(pd)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, v)                                         # [N, V]
+    p = probs(flat, pd).astype(acc)
+    p_t = jnp.asarray(top_p, dtype=pd) if isinstance(top_p, (int, float)) else round_to(jnp.asarray(top_p), pd)
+    p_t = jnp.broadcast_to(p_t, lead).reshape(-1, 1)                     # [N, 1]
+    _, idx = lax.top_k(flat, candidates)                                 # [N, C] logit-descending, index-ascending
+    ps = jnp.take_along_axis(p, idx, axis=-1)
+    cum_before = jnp.concatenate([jnp.zeros_like(ps[:, :1]), jnp.cumsum(ps, axis=-1)[:, :-1]], axis=-1)
+    removed = round_to(cum_before, pd) > p_t                             # shifted removal; candidate 0 always kept
+    rows = jnp.arange(flat.shape[0])[:, None]
+    fast = jnp.zeros(flat.shape, bool).at[rows, idx].set(~removed).reshape(logits.shape)
+    decided = jnp.all(jnp.any(removed, axis=-1))
+    return lax.cond(decided, lambda: fast, lambda: _top_p_keep_bisect(logits, top_p, prob_dtype=prob_dtype))
+
+
+def _top_p_keep_bisect(logits: jax.Array, top_p, *, prob_dtype=None) -> jax.Array:
+    """Nucleus keep-mask by bisection over the logits' order keys (exact for any nucleus width).
 
     Reference (Dream / SDAR): sort logits descending, p = softmax rounded to `prob_dtype` (default: the logits'
     dtype), cum = cumsum(p) (float32 partial sums rounded to prob_dtype), remove sorted token j iff cum[j-1] > top_p
