@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
+from tests.launcher import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [f"w{i}" for i in range(90)]
@@ -32,10 +31,6 @@ def _tokenizer_files(dst):
     fast.save_pretrained(dst)
 
 
-def _launch(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "dlmjax.launch", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,7 @@ def test_decode_job_sdar_end_to_end(sdar_ckpt, tmp_path):
     lines = [{"prompt_ids": [3, 17, 22, 9, 41]}, {"prompt": "w5 w6 w7"}, {"prompt_ids": [8, 8, 30]}]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     out = tmp_path / "out" / "r.jsonl"
-    r = _launch("--job=decode", f"--ckpt={sdar_ckpt}", f"--prompts={tmp_path / 'p.jsonl'}", f"--out={out}",
+    r = launch("--job=decode", f"--ckpt={sdar_ckpt}", f"--prompts={tmp_path / 'p.jsonl'}", f"--out={out}",
                 "--decoder=sdar", "--greedy", "--forbid_mask_token", "--max_new_tokens=8", "--batch_size=2",
                 "--rule=tau_budget", "--tau=0.3", "--stop_ids=91")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,7 +75,7 @@ def test_decode_job_llada_and_flagfile(imported, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt_ids": [5, 9, 33]}\n{"prompt_ids": [40, 2, 17, 8, 8]}\n')
     (tmp_path / "f.flags").write_text("--job=decode\n--decoder=llada\n--max_new_tokens=8\n--block_size=4\n"
                                       "--steps=8\n--rule=fast_dllm_threshold\n--tau=0.5\n--llada_cache=dual\n")
-    r = _launch(f"--flagfile={tmp_path / 'f.flags'}", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
+    r = launch(f"--flagfile={tmp_path / 'f.flags'}", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
                 f"--out={tmp_path / 'o.jsonl'}")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -92,20 +87,20 @@ def test_decode_job_rejects_bad_input(imported, tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [1, "x"]}\n')
     out = tmp_path / "o.jsonl"
-    r = _launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}")
+    r = launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}")
     assert r.returncode == 2 and f"{p}:2: 'prompt_ids' must be a non-empty list of integers" in r.stderr
     assert not out.exists() and not os.path.exists(str(out) + ".partial")
     p.write_text('{"prompt": "hello"}\n')
-    r = _launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}")
+    r = launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}")
     assert r.returncode == 2 and f"{p}:1: text prompt but the checkpoint has no tokenizer files" in r.stderr
-    r = _launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--no_such_flag=3")
+    r = launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--no_such_flag=3")
     assert r.returncode != 0 and "no_such_flag" in r.stderr
-    r = _launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--decoder=sdar",
+    r = launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--decoder=sdar",
                 "--factor=2")
     assert r.returncode != 0 and "--factor is not used by --decoder=sdar" in r.stderr
-    r = _launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--rule=sometimes")
+    r = launch("--job=decode", f"--ckpt={ckpt}", f"--prompts={p}", f"--out={out}", "--rule=sometimes")
     assert r.returncode != 0 and "rule: 'sometimes' is not one of" in r.stderr
-    r = _launch("--job=decode", f"--prompts={p}", f"--out={out}")
+    r = launch("--job=decode", f"--prompts={p}", f"--out={out}")
     assert r.returncode != 0 and "--ckpt is required" in r.stderr
 
 
@@ -113,12 +108,12 @@ def test_decode_job_rejects_bad_input(imported, tmp_path):
 def test_decode_job_dream_flagfile(imported, tmp_path):
     _, ckpt, _, _ = imported("dream")
     (tmp_path / "p.jsonl").write_text('{"prompt_ids": [5, 9, 33]}\n{"prompt_ids": [40, 2, 17, 8, 8]}\n')
-    r = _launch(f"--flagfile={os.path.join(ROOT, 'launch/flags/dream_entropy.flags')}", f"--ckpt={ckpt}",
+    r = launch(f"--flagfile={os.path.join(ROOT, 'launch/flags/dream_entropy.flags')}", f"--ckpt={ckpt}",
                 f"--prompts={tmp_path / 'p.jsonl'}", f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=8",
                 "--steps=8")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(len(x["ids"]) == 8 and x["forwards"] == 8 for x in recs)
-    r = _launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
+    r = launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
                 f"--out={tmp_path / 'o2.jsonl'}", "--block_size=4")
     assert r.returncode != 0 and "--block_size is not used by --decoder=dream" in r.stderr

@@ -18,6 +18,7 @@ from dlmjax.data.sft import DataError
 from dlmjax.demo import DemoConfig, model_config
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
+from tests.launcher import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DC = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=8)  # rows of 7 + 8 tokens
@@ -138,10 +139,6 @@ def test_loss_decreases_on_synthetic_task(task, tmp_path):
     assert np.mean(ce[-10:]) < np.mean(ce[:4]) - 0.4, ce  # starts near ln(16) = 2.77
 
 
-def _launch(*args, timeout=900):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "dlmjax.launch", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -156,7 +153,7 @@ def test_launch_sft_then_export_to_hf(task, tmp_path):
         "--job=sft", f"--init_ckpt={init}", f"--data={path}", f"--workdir={tmp_path / 'run'}", "--train_steps=4",
         "--batch_size=8", "--max_length=16", "--lr=1e-3", "--log_every=2", "--save_every=2", "--lora_rank=4",
         "--lora_alpha=8"]) + "\n")
-    r = _launch(f"--flagfile={flagfile}")
+    r = launch(f"--flagfile={flagfile}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 4/4" in r.stdout
     final = tmp_path / "run" / "final"
@@ -171,8 +168,8 @@ def test_launch_sft_then_export_to_hf(task, tmp_path):
     w = load_file(str(hf / "model.safetensors"))
     assert any("q_proj" in k for k in w)
     # unknown flag and inconsistent combination: errors naming them
-    r = _launch("--job=sft", "--nope=1", timeout=120)
+    r = launch("--job=sft", "--nope=1", timeout=120)
     assert r.returncode != 0 and "nope" in r.stderr
-    r = _launch("--job=sft", f"--init_ckpt={init}", f"--data={path}", f"--workdir={tmp_path / 'r2'}",
+    r = launch("--job=sft", f"--init_ckpt={init}", f"--data={path}", f"--workdir={tmp_path / 'r2'}",
                 "--train_steps=4", "--epochs=2", timeout=120)
     assert r.returncode != 0 and "--train_steps and --epochs" in r.stderr

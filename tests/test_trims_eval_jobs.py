@@ -2,10 +2,7 @@
 job (table rows re-scored here from the completions it wrote)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,17 +13,13 @@ from dlmjax.config import ModelConfig
 from dlmjax.data import addition
 from dlmjax.model.transformer import init_params
 from tests.test_trims_score import DATA, student_tokenizer, teacher_tokenizer
+from tests.launcher import launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% else %}"
                     "<|assistant|>{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _launch(*args, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "dlmjax.launch", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -50,7 +43,7 @@ def test_trims_score_then_trims_sft(imported, tmp_path):
     rows = [{"prompt": q, "response": r} for q, r in DATA if r] * 2
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     scored = tmp_path / "scored.jsonl"
-    r = _launch("--job=trims_score", f"--teacher_ckpt={teacher}", f"--init_ckpt={student}", f"--data={data}",
+    r = launch("--job=trims_score", f"--teacher_ckpt={teacher}", f"--init_ckpt={student}", f"--data={data}",
                 f"--out={scored}", "--max_length=40", "--num_buckets=4", "--batch_size=4")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in scored.read_text().splitlines()]
@@ -58,13 +51,13 @@ def test_trims_score_then_trims_sft(imported, tmp_path):
     for rec in recs:
         b = np.array(rec["bucket"])
         assert b.max() <= 4 and b.min() == 0 and (b > 0).any()
-    r = _launch("--job=sft", f"--init_ckpt={student}", f"--data={scored}", f"--workdir={tmp_path / 'run'}",
+    r = launch("--job=sft", f"--init_ckpt={student}", f"--data={scored}", f"--workdir={tmp_path / 'run'}",
                 "--objective=trims", "--num_buckets=4", "--train_steps=2", "--batch_size=4", "--max_length=40",
                 "--log_every=1", "--noexport", "--notensorboard")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2/2" in r.stdout
     # trims on data without buckets is refused with the reason
-    r = _launch("--job=sft", f"--init_ckpt={student}", f"--data={data}", f"--workdir={tmp_path / 'run2'}",
+    r = launch("--job=sft", f"--init_ckpt={student}", f"--data={data}", f"--workdir={tmp_path / 'run2'}",
                 "--objective=trims", "--train_steps=2", "--batch_size=4", "--max_length=40")
     assert r.returncode != 0 and "bucket" in r.stderr
 
@@ -83,7 +76,7 @@ def test_eval_job_table_matches_rescoring(tmp_path):
     _, test = addition.make_splits(10, 12, 1, seed=3)
     data = tmp_path / "test.jsonl"
     addition.write_jsonl(str(data), test)
-    r = _launch("--job=eval", f"--ckpt={ckpt}", f"--data={data}", f"--workdir={tmp_path / 'ev'}", "--decoder=llada",
+    r = launch("--job=eval", f"--ckpt={ckpt}", f"--data={data}", f"--workdir={tmp_path / 'ev'}", "--decoder=llada",
                 "--rules=low_confidence,tau_budget", "--scorer=addition", "--max_new_tokens=8", "--block_size=8",
                 "--steps=8", "--batch_size=4")
     assert r.returncode == 0, r.stderr[-3000:]
