@@ -12,6 +12,11 @@ import platform
 import statistics
 import time
 
+# Every benchmark imports this module before transformers: offline, and no progress/config warnings in the tables.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 
 def block(x):
     """Wait for every JAX array in the pytree `x`; other leaves are left alone. Returns x."""

@@ -27,7 +27,9 @@ flags.DEFINE_enum("truncation", "right", ("right", "filter"), "sft: right = clip
 flags.DEFINE_bool("skip_malformed", False, "sft: skip (and count) malformed data lines instead of failing.")
 flags.DEFINE_enum("param_dtype", "float32", ("float32", "bfloat16"), "sft: master weight dtype.")
 flags.DEFINE_enum("compute_dtype", "float32", ("float32", "bfloat16"), "sft: activation / matmul dtype.")
-flags.DEFINE_enum("remat", "dots", ("none", "full", "dots"), "sft: activation checkpointing of each layer (dots: keep matmul outputs, recompute the rest; 4.4 vs 14.9 GiB temp at 8x512 on SmolLM2-135M, no slower).")
+flags.DEFINE_enum("remat", "dots", ("none", "full", "dots"), "sft: activation checkpointing of each layer (dots: "
+                  "keep matmul outputs, recompute the rest; 4.4 vs 14.9 GiB temp at 8x512 on SmolLM2-135M, no "
+                  "slower).")
 # --- sft: objective -------------------------------------------------------------------------------------------------
 flags.DEFINE_enum("objective", "mdlm", ("mdlm", "bd3lm", "trims"), "sft: training objective.")
 flags.DEFINE_float("time_eps", 1e-3, "sft: t = eps + (1 - eps) U[0,1).")

@@ -22,7 +22,6 @@ from dlmjax.config import ModelConfig
 from dlmjax.data.pipeline import SFTDataConfig, build_examples, make_iterator
 from dlmjax.data.sft import DataError, sft_special_ids
 from dlmjax.model.transformer import init_params
-from dlmjax.train import lora as lora_lib
 from dlmjax.train import mesh as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
@@ -199,19 +198,19 @@ def run_sft(job: SFTJobConfig, model_cfg: ModelConfig, params, tokenizer, data: 
     summary = {"status": stopped, "step": step, "history": history, "data": dstats,
                "checkpoints": os.path.join(job.workdir, "checkpoints")}
     if stopped == "done" and job.export:
-        summary["final"] = export_final(model_cfg, state["params"], frozen, lc, os.path.join(job.workdir, "final"),
-                                        tokenizer_dir, tokenizer)
+        final = os.path.join(job.workdir, "final")
+        summary["final"] = export_final(model_cfg, combine(state["params"], frozen), final, tokenizer_dir, tokenizer)
         log(f"exported {summary['final']}")
     summary["state"] = state
     mngr.close()
     return summary
 
 
-def export_final(cfg: ModelConfig, trainable, frozen, lc: LoRAConfig, dst: str, tokenizer_dir, tokenizer) -> str:
-    """Merge LoRA (if any), gather to host, write a dlmjax checkpoint (process 0; atomic, replaces an old one)."""
+def export_final(cfg: ModelConfig, params, dst: str, tokenizer_dir, tokenizer) -> str:
+    """Gather the model params (LoRA already merged by the step's `combine`) to host and write a dlmjax checkpoint
+    (process 0; atomic, replaces an old one)."""
     from jax.experimental import multihost_utils
 
-    params = lora_lib.merge(lc, frozen, trainable) if lc.rank else trainable
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
