@@ -77,8 +77,9 @@ flags.DEFINE_float("cfg_scale", 0.0, "decode (llada): classifier-free guidance s
 flags.DEFINE_enum("llada_cache", "none", ("none", "prefix", "dual"), "decode (llada): Fast-dLLM v1 approximate KV "
                   "cache, refreshed at each block start (none = exact).")
 
-flags.DEFINE_enum("dream_alg", "entropy", ("origin", "maskgit_plus", "topk_margin", "entropy"),
-                  "decode (dream): Dream's confidence algorithm.")
+flags.DEFINE_enum("dream_alg", "entropy", ("origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"),
+                  "decode (dream): Dream's confidence algorithm; confidence_threshold = Fast-dLLM v1 (no cache, "
+                  "--tau; max_new_tokens must be divisible by --steps).")
 flags.DEFINE_float("alg_temp", None, "decode (dream): > 0 draws the committed slots from softmax(conf / alg_temp).")
 flags.DEFINE_float("eps", 1e-3, "decode (dream): schedule end point t = linspace(1, eps, steps + 1).")
 

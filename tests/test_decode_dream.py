@@ -13,6 +13,7 @@ from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import dream as D
 from dlmjax.decode import sampling
 from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
+from tests.reference import fastdllm_dream as FD
 from tests.reference import hf_models as R
 from tests.reference import torch_dream as TD
 
@@ -62,18 +63,19 @@ def _check(ours, ref):
     np.testing.assert_allclose(ours["conf"], ref["conf"], atol=1e-4)
 
 
-def _recount(out, dc):
-    """TPF, expected wrong commits and per-step counts from the step map and confidences (slimrl_tracerl.md §0.4)."""
+def _recount(out, dc, n_forward=None):
+    """TPF, expected wrong commits and per-step counts from the step map and confidences (slimrl_tracerl.md §0.4).
+    n_forward: the expected forwards per row (default: dc.steps for every row)."""
     for i in range(out["tokens"].shape[0]):
         sm, conf = out["step_map"][i], out["conf"][i]
         dec = sm > 0
         tpf = dec.sum() / len(set(sm[dec].tolist())) if dec.any() else 0.0
         assert np.isclose(out["tpf"][i], tpf)
         assert np.isclose(out["ewc"][i], np.sum(1.0 - conf[dec]), atol=1e-5)
-        counts = np.array([(sm == s + 1).sum() for s in range(dc.steps)])
+        counts = np.array([(sm == s + 1).sum() for s in range(dc.n_iterations)])
         np.testing.assert_array_equal(out["commits_per_step"][i], counts)
         assert np.isclose(out["ewc_per_step"][i].sum(), out["ewc"][i], atol=1e-5)
-        assert out["n_forward"][i] == dc.steps
+        assert out["n_forward"][i] == (dc.steps if n_forward is None else n_forward[i])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,3 +265,124 @@ def test_deterministic_given_seed_bf16(dream):
     conf = a["conf"][a["step_map"] > 0]
     np.testing.assert_array_equal(conf.astype(jnp.bfloat16).astype(np.float32), conf)  # p is a bf16 value
     _recount(a, dc)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fast-dLLM v1 alg='confidence_threshold' (§6.4.3) vs tests/reference/fastdllm_dream.py (batch 1, as the reference)
+
+def _ct(**kw):
+    return DreamDecodeConfig(**{"max_new_tokens": G, "alg": "confidence_threshold", "forbid_mask_token": True, **kw})
+
+
+def _ct_ref(model, cfg, dc, prompt, **kw):
+    cd = None if dc.conf_dtype is None else getattr(torch, dc.conf_dtype)
+    return FD.generate(model, prompt, max_new=dc.max_new_tokens, steps=dc.steps, mask_id=cfg.mask_token_id,
+                       tau=dc.tau, temperature=dc.temperature, top_p=dc.top_p, top_k=dc.top_k, conf_dtype=cd,
+                       forbid_mask=dc.forbid_mask_token, **kw)
+
+
+def _check_row(ours, i, ref):
+    np.testing.assert_array_equal(ours["tokens"][i], ref["tokens"])
+    np.testing.assert_array_equal(ours["step_map"][i], ref["step_map"])
+    np.testing.assert_allclose(ours["conf"][i], ref["conf"], atol=1e-4)
+    assert ours["n_forward"][i] == ref["n_forward"]
+
+
+def test_confidence_threshold_config():
+    with pytest.raises(ValueError, match="max_new_tokens=12 is not divisible by steps=5"):
+        _ct(steps=5)
+    for bad in (dict(steps=4, rule="dynamic"), dict(steps=4, alg_temp=0.5), dict(steps=4, max_steps=3)):
+        with pytest.raises(ValueError):
+            _ct(**bad)
+    with pytest.raises(ValueError, match="max_steps"):
+        DreamDecodeConfig(alg="maskgit_plus", max_steps=10)
+    assert _ct(steps=4).n_iterations == G and _ct(steps=4, max_steps=7).n_iterations == 7
+    assert DreamDecodeConfig(alg="entropy", steps=6).n_iterations == 6
+
+
+def test_select_threshold_rule():
+    """Top K of the masked slots (ties to the lower index), the first kept always, the others dropped when c < τ
+    compared in the confidence dtype (bf16(0.9) = 0.8984375); dropped = K - #committed, picks past the masks too."""
+    c = jnp.array([[0.5, 0.8984375, 0.95, 0.95, 0.3, 0.99],    # ties 2/3 inside the picks; slot 1 sits at bf16(τ)
+                   [0.2, 0.1, 0.2, 0.0, 0.0, 0.0],             # K = 5 > 3 masks; the first (a tie 0/2) is below τ
+                   [0.97, 0.99, 0.97, 0.99, 0.1, 0.1]])        # a tie 0/2 at the K boundary
+    masked = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    k = jnp.array([3, 5, 3], jnp.int32)
+    conf = jnp.where(masked, c, -jnp.inf)
+    want = np.zeros((3, 6), bool)
+    want[0, [1, 2, 3]] = want[1, 0] = want[2, [0, 1, 3]] = True
+    commit, dropped = jax.device_get(D.select_threshold(conf.astype(jnp.bfloat16), masked, k, 0.9))
+    np.testing.assert_array_equal(commit, want)
+    np.testing.assert_array_equal(dropped, [0, 4, 0])
+    want[0, 1] = False                                          # float32: 0.8984375 < 0.9
+    commit, dropped = jax.device_get(D.select_threshold(conf, masked, k, 0.9))
+    np.testing.assert_array_equal(commit, want)
+    np.testing.assert_array_equal(dropped, [1, 4, 0])
+
+
+CT_CASES = {  # steps, tau, conf_dtype
+    "q4_low_tau": (3, 0.7, None),      # q = 4: most forwards commit 3-4 slots; drops at the last step extend rows
+    "q2_carry": (6, 0.9, None),        # carries grow K above q, extensions up to 9 forwards, forced first picks
+    "bf16_ties": (3, 0.998, "bfloat16"),  # bf16 confidences: decisive ties, bf16(0.998) = 0.99609375 keeps c < τ
+}
+
+
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_confidence_threshold_matches_reference(dream, case):
+    """Greedy: the batched, left-padded loop equals the batch-1 torch reference on every row (own carry, own
+    extension; rows that finished early do not change), equals one-at-a-time decoding, and its statistics equal a
+    recount from the step map (every forward commits >= 1 slot: TPF = G / n_forward)."""
+    model, cfg, params = dream
+    steps, tau, conf_dtype = CT_CASES[case]
+    dc = _ct(steps=steps, tau=tau, conf_dtype=conf_dtype)
+    ours = _run(cfg, dc, params, PROMPTS)
+    refs = [_ct_ref(model, cfg, dc, pr) for pr in PROMPTS]
+    for i, ref in enumerate(refs):
+        _check_row(ours, i, ref)
+    n_fwd = [r["n_forward"] for r in refs]
+    _recount(ours, dc, n_fwd)
+    np.testing.assert_allclose(ours["tpf"], G / np.array(n_fwd), rtol=1e-6)
+    assert (ours["step_map"] > 0).all()
+    assert max(n_fwd) > steps and len(set(n_fwd)) > 1           # extensions, different per row
+    q = G // steps
+    if case == "q4_low_tau":
+        assert (ours["commits_per_step"] >= q - 1).sum() >= 8   # several slots per forward
+    if case == "q2_carry":
+        assert max(k for r in refs for k in r["k"][:steps]) > q and sum(r["forced"] for r in refs) > 0
+    if case == "bf16_ties":
+        assert sum(r["boundary_ties"] for r in refs) > 0 and sum(r["tau_edge"] for r in refs) > 0
+    if case != "q4_low_tau":  # batched = one at a time
+        for i, pr in enumerate(PROMPTS):
+            one = _run(cfg, dc, params, [pr], lengths=True)
+            for name in ("tokens", "step_map", "n_forward"):
+                np.testing.assert_array_equal(one[name][0], ours[name][i])
+
+
+def test_confidence_threshold_sampled_with_replayed_tokens(dream):
+    model, cfg, params = dream
+    dc = _ct(steps=4, tau=0.8, temperature=0.7, top_p=0.95)
+    refs = [_ct_ref(model, cfg, dc, pr, seed=11 + i) for i, pr in enumerate(PROMPTS)]
+    tokens = np.full((len(PROMPTS), dc.n_iterations, G), cfg.mask_token_id, np.int32)
+    for i, r in enumerate(refs):
+        tokens[i, :r["n_forward"]] = r["draws"]
+    ours = _run(cfg, dc, params, PROMPTS, replay={"tokens": tokens})
+    for i, ref in enumerate(refs):
+        _check_row(ours, i, ref)
+    _recount(ours, dc, [r["n_forward"] for r in refs])
+    assert max(r["n_forward"] for r in refs) > dc.steps
+
+
+def test_confidence_threshold_max_steps_guard(dream):
+    """max_steps caps the while_loop: rows that would extend past it stop there with masks left; what was decoded
+    up to the cap is the uncapped run's."""
+    model, cfg, params = dream
+    steps, tau, _ = CT_CASES["q2_carry"]
+    full = _run(cfg, _ct(steps=steps, tau=tau), params, PROMPTS)
+    dc = _ct(steps=steps, tau=tau, max_steps=steps)
+    capped = _run(cfg, dc, params, PROMPTS)
+    assert (full["n_forward"] > steps).all()
+    np.testing.assert_array_equal(capped["n_forward"], [steps] * len(PROMPTS))
+    early = full["step_map"] <= steps
+    np.testing.assert_array_equal(capped["step_map"], np.where(early, full["step_map"], 0))
+    np.testing.assert_array_equal(capped["tokens"], np.where(early, full["tokens"], cfg.mask_token_id))
+    _recount(capped, dc, [steps] * len(PROMPTS))

@@ -87,6 +87,20 @@ def test_top_p_candidate_fast_path(dtype):
                                                                                                     False, False]
 
 
+def test_top_p_row_chunks_mix_fast_and_bisection():
+    """Rows go to the bisection in chunks (5 rows here, the last one padded); a chunk of sharp rows keeps the fast
+    path's answer, a chunk with a wide row is bisected: every row still equals the sorting reference."""
+    x = random_logits(204, np.float32, ties=False) * np.where(np.arange(R) % 13 == 0, 0.3, 8.0)[:, None]
+    x = x.astype(np.float32)
+    want = NP.top_p_keep(x, 0.9, np.float32)
+    edge = ((NP.top_p_keep(x, 0.9, np.float32, eps=2e-6) != want)
+            | (NP.top_p_keep(x, 0.9, np.float32, eps=-2e-6) != want)).any(1)
+    for cb in (5 * V * 4, 1):                                              # 5-row chunks; one row per chunk
+        got = np.asarray(jax.jit(partial(S.top_p_keep, candidates=12, chunk_bytes=cb))(jnp.asarray(x), 0.9))
+        np.testing.assert_array_equal(got[~edge], want[~edge])
+    assert edge.sum() <= 2 and want[np.arange(R) % 13 == 0].sum(1).min() > 12   # wide rows really fall back
+
+
 def test_top_p_ties_resolved_by_index():
     f = jax.jit(S.top_p_keep)                                            # top_p traced: one compilation
     x = jnp.asarray([[0.0] * 4 + [-jnp.inf] * 2, [0.0, 5.0, 0.0, 0.0, 5.0, -jnp.inf]], jnp.float32)

@@ -117,3 +117,6 @@ def test_decode_job_dream_flagfile(imported, tmp_path):
     r = launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
                 f"--out={tmp_path / 'o2.jsonl'}", "--block_size=4")
     assert r.returncode != 0 and "--block_size is not used by --decoder=dream" in r.stderr
+    r = launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
+                f"--out={tmp_path / 'o3.jsonl'}", "--dream_alg=confidence_threshold", "--max_new_tokens=8", "--steps=3")
+    assert r.returncode != 0 and "max_new_tokens=8 is not divisible by steps=3" in r.stderr

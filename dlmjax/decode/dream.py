@@ -9,7 +9,12 @@ reference's dtype), and commits a subset of the masked slots:
     k = int(n̄·(1 - t[i+1]/t[i])) with n̄ the float32 batch-mean number of masks (int(n̄) at the last step), or k
     slots drawn by alg_temp;
   * rule 'tau_budget' (SLIM-RL, slimrl_tracerl.md §0.3) or 'dynamic' (TraceRL threshold): per row, with the row's own
-    schedule count int(n_row·(1 - t[i+1]/t[i])) as the floor (the SLIM Dream port's floor), all masks at the last step.
+    schedule count int(n_row·(1 - t[i+1]/t[i])) as the floor (the SLIM Dream port's floor), all masks at the last step;
+  * alg 'confidence_threshold' (Fast-dLLM v1 Dream without cache, §6.4.3): confidence p(x0) as maskgit_plus; each
+    row takes its top K = q + carry masked slots (q = G / steps, which must divide exactly), keeps the first and every
+    other one with c ≥ τ (τ in the confidence dtype, N5); the dropped ones are added to the row's carry. Dropping at
+    the row's last scheduled step extends that row by one step with q = 0, until a last step drops nothing. The step
+    count is data dependent: a lax.while_loop, per-row carry and end step, capped by `max_steps`.
 The float32 schedule t = linspace(1, eps, steps+1) and the count tables are built on the host in NumPy (N8); the
 device only gathers from them. Choices where the spec is silent: BUILD_NOTES.md, "Dream loop choices".
 """
@@ -27,7 +32,7 @@ from dlmjax import model as M
 from dlmjax.config import ModelConfig
 from dlmjax.decode import rules, sampling, stats
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold")
 RULES = ("schedule", "tau_budget", "dynamic")
 CONF_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -39,17 +44,20 @@ class DreamDecodeConfig:
     max_new_tokens: int = 128  # G: mask tokens appended to every prompt
     steps: int = 128  # forwards; the reference's evals use steps = max_new_tokens
     eps: float = 1e-3
-    alg: str = "origin"  # origin | maskgit_plus | topk_margin | entropy
+    alg: str = "origin"  # origin | maskgit_plus | topk_margin | entropy | confidence_threshold (Fast-dLLM v1)
     alg_temp: float | None = None  # > 0: k slots drawn from softmax(C / alg_temp) (schedule rule only)
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
     conf_dtype: str | None = None  # dtype of probabilities/confidences; None = the logits' dtype (bf16 reference)
     rule: str = "schedule"  # schedule (Dream) | tau_budget (SLIM-RL) | dynamic (TraceRL c > tau)
-    tau: float = 0.9
+    tau: float = 0.9  # threshold of the tau_budget / dynamic rules and of alg confidence_threshold
     budget_m: float = 1.0  # tau_budget: b = m (1 - tau); m <= 0 means m = the row's schedule count
     forbid_mask_token: bool = False  # the reference may sample the mask token itself; True forbids it
     batch_mean: str = "exact"  # n̄ = S / B: 'exact' (torch CPU, spec) or 'reciprocal' (torch CUDA: S * f32(1/B))
+    # confidence_threshold: cap on the while_loop's forwards; None = max_new_tokens, which cannot bind (every forward
+    # commits >= 1 slot and the carry is at most G - steps when the schedule ends, see `n_iterations`)
+    max_steps: int | None = None
 
     def __post_init__(self):
         def bad(why):
@@ -75,12 +83,33 @@ class DreamDecodeConfig:
             bad(f"batch_mean={self.batch_mean!r} is not 'exact' or 'reciprocal'")
         if self.alg == "origin" and self.rule != "schedule":
             bad(f"rule={self.rule!r} needs a confidence; alg='origin' has none")
-        if self.uses_alg_temp and (self.alg == "origin" or self.rule != "schedule"):
-            bad("alg_temp > 0 applies to the confidence algs with rule='schedule' only")
+        if self.uses_alg_temp and (self.alg in ("origin", "confidence_threshold") or self.rule != "schedule"):
+            bad("alg_temp > 0 applies to the schedule confidence algs (maskgit_plus, topk_margin, entropy) with "
+                "rule='schedule' only")
+        if self.alg == "confidence_threshold":
+            if self.rule != "schedule":
+                bad(f"rule={self.rule!r} does not apply to alg='confidence_threshold' (it has its own rule)")
+            if self.max_new_tokens % self.steps:
+                bad(f"alg='confidence_threshold' needs q = #masks / steps to be an integer: max_new_tokens="
+                    f"{self.max_new_tokens} is not divisible by steps={self.steps}")
+            if self.max_steps is not None and self.max_steps < self.steps:
+                bad(f"max_steps={self.max_steps} must be >= steps={self.steps}")
+        elif self.max_steps is not None:
+            bad(f"max_steps={self.max_steps} applies to alg='confidence_threshold' only")
 
     @property
     def uses_alg_temp(self) -> bool:
         return self.alg_temp is not None and self.alg_temp != 0
+
+    @property
+    def n_iterations(self) -> int:
+        """Most forwards the loop can run (the width of the per-step outputs): `steps`, or for confidence_threshold
+        `max_steps` (default max_new_tokens). Bound: every step commits >= 1 slot (the first is kept), so the carry
+        after scheduled step i is at most i·(q-1), G - steps at the end; an extension step has K = carry and commits
+        >= 1, so it shrinks the carry: at most G - steps extensions, G forwards in all."""
+        if self.alg != "confidence_threshold":
+            return self.steps
+        return self.max_new_tokens if self.max_steps is None else self.max_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,6 +218,18 @@ def select(dc: DreamDecodeConfig, tables, i, conf, masked, *, uniforms=None, gum
     return rules.commit_dynamic_threshold(conf, masked, n, dc.tau)
 
 
+def select_threshold(conf, masked, k, tau):
+    """Fast-dLLM v1 Dream `confidence_threshold` step: conf [B, G] (-inf where not masked), masked [B, G], k [B] int32
+    (K = q + carry). Each row ranks its masked slots by descending confidence (ties to the lower index, N7), takes
+    the top K, keeps the first always and every other one unless c < τ (τ rounded to conf's dtype, N5: bf16(0.9) =
+    0.8984375 is kept against τ = 0.9). Returns (commit [B, G] bool, dropped [B] int32 = K - #committed: the
+    reference adds each dropped pick to its carry, including picks beyond the row's masks, which are -inf there)."""
+    rank = rules.descending_rank(conf, masked)
+    below = conf < rules.threshold_in(tau, conf.dtype, conf.shape[0])
+    commit = masked & (rank < k[:, None]) & ((rank == 0) | ~below)
+    return commit, k - jnp.sum(commit, axis=1, dtype=jnp.int32)
+
+
 def _valid_mask(prompt_valid, b: int, p: int):
     """[B, P] bool: given directly, or from per-row lengths [B] of left-padded prompts (the tokenizer's
     padding_side='left' as in the reference evals)."""
@@ -208,14 +249,18 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
     prompts: [B, P] int32, normally left-padded; prompt_valid: [B, P] bool (the reference's attention_mask) or
     [B] int32 lengths of left-padded rows. Prompts must not contain the mask token (the reference would denoise it;
     only the G completion slots are decoded here). key: PRNG key (fold_in by step).
-    replay: optional dict of the reference's draws, each [B, steps, G] by completion slot: 'tokens' (int32, sampled
-    candidates when temperature > 0), 'uniforms' (float32, alg 'origin'), 'gumbel' (float32, alg_temp > 0).
+    replay: optional dict of the reference's draws, each [B, S, G] by completion slot (S = dc.n_iterations: steps,
+    or max_steps for confidence_threshold): 'tokens' (int32, sampled candidates when temperature > 0), 'uniforms'
+    (float32, alg 'origin'), 'gumbel' (float32, alg_temp > 0).
     Returns a dict: tokens [B, G] (mask id where never decoded), step_map [B, G] (1-based step at which the slot
     last turned from mask to token; 0 = still masked), conf [B, G] (p of that token, float32), commits_per_step /
-    ewc_per_step [B, steps] (tokens unmasked and their Σ(1-p)), tpf [B], ewc [B], n_forward [B], canvas [B, P+G].
+    ewc_per_step [B, S] (tokens unmasked and their Σ(1-p)), tpf [B], ewc [B], n_forward [B] (forwards of the row:
+    steps, or for confidence_threshold the row's own step count incl. extensions), canvas [B, P+G].
+    With confidence_threshold each row keeps its own carry and end step; a row past its end stops changing (its
+    forwards still run in the batch but are not counted), and the loop ends when every row has ended.
     """
     b, p = prompts.shape
-    g, steps = dc.max_new_tokens, dc.steps
+    g, steps, n_it = dc.max_new_tokens, dc.steps, dc.n_iterations
     mask_id = cfg.mask_token_id
     if mask_id is None:
         raise ValueError("diffusion_generate: the model config has no mask_token_id")
@@ -244,7 +289,8 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
         pick = lambda name: replay[name][:, i] if name in replay else None  # noqa: E731
         return ki, pick("tokens"), pick("uniforms"), pick("gumbel")
 
-    def body(i, c):
+    def propose(i, c):
+        """One forward: the completion slots, which are masked, candidates x0, p(x0) and the masked confidence."""
         h, _ = M.hidden_states(cfg, params, c["x"], pos, attn)
         logits = M.lm_head(cfg, params, h[:, src])                        # [B, G, V] shifted
         xc = c["x"][:, p:]                                                # [B, G]
@@ -252,8 +298,9 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
         ki, tok, uni, gum = draws(i)
         x0, pr, conf = candidates(dc, logits, dt, forbid=forbid, key=None if tok is not None else ki[0], tokens=tok)
         conf = jnp.where(masked, conf, jnp.asarray(-jnp.inf, conf.dtype))
-        commit = select(dc, tables, i, conf, masked, uniforms=uni, gumbel=gum,
-                        key_u=None if uni is not None else ki[1], key_g=None if gum is not None else ki[2])
+        return xc, masked, x0, pr, conf, ki, uni, gum
+
+    def write(i, c, xc, masked, x0, pr, commit):
         new = jnp.where(commit, jnp.where(masked, x0, mask_id), xc)
         unmasked = commit & masked & (x0 != mask_id)                      # a committed mask token stays masked
         remasked = commit & ~masked
@@ -262,14 +309,40 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
         conf_map = jnp.where(unmasked, p32, jnp.where(remasked, 0.0, c["conf_map"]))
         commits = c["commits"].at[:, i].set(jnp.sum(unmasked, axis=1, dtype=jnp.int32))
         ewc = c["ewc"].at[:, i].set(jnp.sum(jnp.where(unmasked, 1.0 - p32, 0.0), axis=1))
-        return dict(x=c["x"].at[:, p:].set(new), step_map=step_map, conf_map=conf_map, commits=commits, ewc=ewc)
+        return dict(c, x=c["x"].at[:, p:].set(new), step_map=step_map, conf_map=conf_map, commits=commits, ewc=ewc)
+
+    def body(i, c):
+        xc, masked, x0, pr, conf, ki, uni, gum = propose(i, c)
+        commit = select(dc, tables, i, conf, masked, uniforms=uni, gumbel=gum,
+                        key_u=None if uni is not None else ki[1], key_g=None if gum is not None else ki[2])
+        return write(i, c, xc, masked, x0, pr, commit)
+
+    def threshold_body(c):
+        """confidence_threshold, per row: K = q + carry; a drop at the row's last step moves its end one step on
+        and sets its q to 0 (the reference's `steps += 1`, `number_transfer_tokens = 0`)."""
+        i = c["i"]
+        active = i < c["end"]                                             # [B] rows not yet finished
+        xc, masked, x0, pr, conf, _, _, _ = propose(i, c)
+        commit, dropped = select_threshold(conf, masked, c["q"] + c["left"], dc.tau)
+        commit &= active[:, None]
+        extend = active & (i == c["end"] - 1) & (dropped > 0)
+        c = write(i, c, xc, masked, x0, pr, commit)
+        return dict(c, i=i + 1, left=jnp.where(active, dropped, c["left"]), q=jnp.where(extend, 0, c["q"]),
+                    end=c["end"] + extend.astype(jnp.int32))
 
     carry = dict(x=x, step_map=jnp.zeros((b, g), jnp.int32), conf_map=jnp.zeros((b, g), jnp.float32),
-                 commits=jnp.zeros((b, steps), jnp.int32), ewc=jnp.zeros((b, steps), jnp.float32))
-    c = jax.lax.fori_loop(0, steps, body, carry)
+                 commits=jnp.zeros((b, n_it), jnp.int32), ewc=jnp.zeros((b, n_it), jnp.float32))
+    if dc.alg == "confidence_threshold":
+        carry.update(i=jnp.zeros((), jnp.int32), q=jnp.full((b,), g // steps, jnp.int32),
+                     left=jnp.zeros((b,), jnp.int32), end=jnp.full((b,), steps, jnp.int32))
+        c = jax.lax.while_loop(lambda c: (c["i"] < n_it) & jnp.any(c["i"] < c["end"]), threshold_body, carry)
+        n_forward = jnp.minimum(c["end"], c["i"])                         # the guard may stop a row early
+    else:
+        c = jax.lax.fori_loop(0, steps, body, carry)
+        n_forward = jnp.full((b,), steps, jnp.int32)
     keep = jnp.ones((b, g), bool)                                         # fixed canvas: no stop ids in Dream
     decoded = c["step_map"] > 0
     return dict(tokens=c["x"][:, p:], step_map=c["step_map"], conf=c["conf_map"], commits_per_step=c["commits"],
                 ewc_per_step=c["ewc"], tpf=stats.tokens_per_forward(c["step_map"], keep),
                 ewc=jnp.sum(jnp.where(decoded, 1.0 - c["conf_map"], 0.0), axis=1),
-                n_forward=jnp.full((b,), steps, jnp.int32), canvas=c["x"])
+                n_forward=n_forward, canvas=c["x"])

@@ -86,34 +86,59 @@ def _order_key(x: jax.Array) -> jax.Array:
     return jnp.where(sign == 1, ~bits, bits | top)
 
 
-def top_p_keep(logits: jax.Array, top_p: float | None, *, prob_dtype=None, candidates: int = 256) -> jax.Array:
+def top_p_keep(logits: jax.Array, top_p: float | None, *, prob_dtype=None, candidates: int = 256,
+               chunk_bytes: int = 4 << 20) -> jax.Array:
     """Keep-mask of nucleus filtering with the references' shifted-removal rule, without a vocabulary sort.
 
     Fast path: the `candidates` largest logits (lax.top_k; ties lower index first), their rounded probabilities,
     a cumulative sum in the references' order and the shifted removal. It decides a row exactly when the nucleus
-    ends inside the candidates (some candidate is removed); when any row's nucleus is wider, the whole call falls
-    back to the bisection below (`_top_p_keep_bisect`), so results never depend on `candidates`.
+    ends inside the candidates (some candidate is removed). Rows it cannot decide go to the bisection below
+    (`_top_p_keep_bisect`) chunk by chunk: chunks of about `chunk_bytes` of logits (lax.map) keep the bisection's
+    32 passes on cache-resident data (2-3x faster than streaming [N, V] from memory each pass), and a chunk whose
+    rows were all decided skips it. Results never depend on `candidates` or the chunking.
     """
     if top_p is None or (isinstance(top_p, (int, float)) and top_p >= 1):
         return jnp.ones(logits.shape, bool)
     v = logits.shape[-1]
-    if candidates <= 0 or candidates >= v:
-        return _top_p_keep_bisect(logits, top_p, prob_dtype=prob_dtype)
     pd = jnp.dtype(prob_dtype or logits.dtype)
-    acc = _acc(pd)
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, v)                                         # [N, V]
-    p = probs(flat, pd).astype(acc)
     p_t = jnp.asarray(top_p, dtype=pd) if isinstance(top_p, (int, float)) else round_to(jnp.asarray(top_p), pd)
-    p_t = jnp.broadcast_to(p_t, lead).reshape(-1, 1)                     # [N, 1]
+    p_t = jnp.broadcast_to(p_t, lead).reshape(-1)                        # [N]
+    n = flat.shape[0]
+    rows = max(1, min(n, chunk_bytes // (v * flat.dtype.itemsize)))
+    chunks = -(-n // rows)
+    rows = -(-n // chunks)                                               # even chunks; pad rows repeat the last row
+    pad = chunks * rows - n
+    if candidates <= 0 or candidates >= v:
+        fast, decided = jnp.zeros(flat.shape, bool), jnp.zeros((n,), bool)
+    else:
+        fast, decided = _top_p_fast(flat, p_t, pd, candidates)
+
+    def chunk(xs):                                                       # [r, V], [r], [r, V], [r]
+        x, pt, f, d = xs
+        return lax.cond(jnp.all(d), lambda: f, lambda: _top_p_keep_bisect(x, pt, prob_dtype=pd))
+
+    def all_chunks():
+        xs = (flat, p_t, fast, decided)
+        xs = jax.tree.map(lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), mode="edge")
+                          .reshape((chunks, rows) + a.shape[1:]), xs)
+        return lax.map(chunk, xs).reshape(-1, v)[:n]
+
+    keep = lax.cond(jnp.all(decided), lambda: fast, all_chunks)
+    return keep.reshape(logits.shape)
+
+
+def _top_p_fast(flat: jax.Array, p_t: jax.Array, pd, candidates: int):
+    """Nucleus keep-mask [N, V] from the top `candidates` logits, and which rows [N] it decides exactly."""
+    p = probs(flat, pd).astype(_acc(pd))
     _, idx = lax.top_k(flat, candidates)                                 # [N, C] logit-descending, index-ascending
     ps = jnp.take_along_axis(p, idx, axis=-1)
     cum_before = jnp.concatenate([jnp.zeros_like(ps[:, :1]), jnp.cumsum(ps, axis=-1)[:, :-1]], axis=-1)
-    removed = round_to(cum_before, pd) > p_t                             # shifted removal; candidate 0 always kept
+    removed = round_to(cum_before, pd) > p_t[:, None]                    # shifted removal; candidate 0 always kept
     rows = jnp.arange(flat.shape[0])[:, None]
-    fast = jnp.zeros(flat.shape, bool).at[rows, idx].set(~removed).reshape(logits.shape)
-    decided = jnp.all(jnp.any(removed, axis=-1))
-    return lax.cond(decided, lambda: fast, lambda: _top_p_keep_bisect(logits, top_p, prob_dtype=prob_dtype))
+    fast = jnp.zeros(flat.shape, bool).at[rows, idx].set(~removed)
+    return fast, jnp.any(removed, axis=-1)
 
 
 def _top_p_keep_bisect(logits: jax.Array, top_p, *, prob_dtype=None) -> jax.Array:
@@ -156,7 +181,9 @@ def _top_p_keep_bisect(logits: jax.Array, top_p, *, prob_dtype=None) -> jax.Arra
     tie = key == k_star                                                  # equal logits: equal probabilities
     p_star = jnp.max(jnp.where(tie, p, 0.0), axis=-1, keepdims=True)
     mass_star = jnp.sum(jnp.where(key > k_star, p, 0.0), axis=-1, keepdims=True)
-    before = jnp.cumsum(tie.astype(jnp.int32), axis=-1) - tie            # earlier ties (lower index first)
+    before = lax.cond(jnp.any(jnp.sum(tie, axis=-1) > 1),                 # earlier ties (lower index first);
+                      lambda: jnp.cumsum(tie.astype(jnp.int32), axis=-1) - tie,   # the cumsum only when a row
+                      lambda: jnp.zeros(tie.shape, jnp.int32))           # has a boundary tie (it costs 4 passes)
     p_tv = p_t[..., None] if p_t.ndim else p_t
     tie_ok = round_to(mass_star + before.astype(acc) * p_star, pd) <= p_tv
     return (key > k_star) | (tie & tie_ok) | keep_all[..., None]
