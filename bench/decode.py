@@ -371,14 +371,14 @@ def _jax_fns():
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def write_rows(buf, new, start):
-        """The loop's cache write: [NL, B, K, H, D] into [NL, B, Lmax, H, D] at a per-row index (vmapped DUS)."""
+        """The loop's cache write: [NL, B, H, K, D] into [NL, B, H, Lmax, D] at a per-row index (vmapped DUS)."""
         from dlmjax.model import cache as kv
 
-        return kv.write_rows(buf, new, start, axis=2)
+        return kv.write_rows(buf, new, start, axis=3, batch_axis=1)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def write_scalar(buf, new, start):
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, start[0], 2)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, start[0], 3)
 
     return dict(step=step, step_ro=step_ro, prefill=prefill, head=head, sample_rule=sample_rule,
                 write_rows=write_rows, write_scalar=write_scalar)
@@ -791,8 +791,8 @@ def section_profile(args, models, rng, log):
         mid = cfg.mask_token_id
         r["greedy_rule_ms"] = med(lambda: f["sample_rule"](logits, "tau_budget", args.tau, None, mid))
         r["topp_rule_ms"] = med(lambda: f["sample_rule"](logits, "tau_budget", args.tau, args.top_p, mid))
-        shape = (cfg.num_layers, b, lmax, cfg.num_kv_heads, cfg.head_dim)
-        new = jnp.ones((cfg.num_layers, b, k, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+        shape = (cfg.num_layers, b, cfg.num_kv_heads, lmax, cfg.head_dim)
+        new = jnp.ones((cfg.num_layers, b, cfg.num_kv_heads, k, cfg.head_dim), jnp.float32)
         st = jnp.full((b,), start, jnp.int32)
         for name, fn in (("write_rows_ms", f["write_rows"]), ("write_scalar_ms", f["write_scalar"])):
             state = {"buf": jnp.zeros(shape, jnp.float32)}
@@ -812,7 +812,7 @@ def section_profile(args, models, rng, log):
              f"{r['write_scalar_ms']:.2f}"] for r in rows]
     text = (f"### Profile of one SDAR iteration (ours, K={k}; each piece jitted alone, median of {n})\n\n"
             "fwd + cache write = the loop's forward (donated cache); read-only = same forward, logits only; "
-            "K/V writes = both k and v caches [layers, B, Lmax, Hkv, Dh], donated\n\n" + markdown_table(headers, body))
+            "K/V writes = both k and v caches [layers, B, Hkv, Lmax, Dh], donated\n\n" + markdown_table(headers, body))
     return text, rows
 
 

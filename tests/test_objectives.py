@@ -222,13 +222,40 @@ def test_chunked_ce_equals_full_with_grads(imported):
     cfg, params = load_checkpoint(ckpt)
     batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
     key = jax.random.key(0)
-    full = make_objective(cfg, ObjectiveConfig(), B)
-    chunk = make_objective(cfg, ObjectiveConfig(ce_chunk=4), B)
+    full = make_objective(cfg, ObjectiveConfig(head_rows=0), B)
+    chunk = make_objective(cfg, ObjectiveConfig(ce_chunk=4, head_rows=0), B)
     (l1, _), g1 = jax.value_and_grad(full, has_aux=True)(params, batch, key)
     (l2, _), g2 = jax.value_and_grad(chunk, has_aux=True)(params, batch, key)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,kind", [("llada", "mdlm"), ("dream", "mdlm"), ("sdar", "bd3lm")])
+def test_masked_only_head_equals_dense_head_with_grads(family, kind, imported):
+    """head_rows > 0 (the head only at masked positions, chunks without any skipped) == the dense head: loss, every
+    metric and every gradient; 5-row chunks leave a padded last chunk and skip the chunks past the masked ones."""
+    _, ckpt, _, _ = imported(family)
+    cfg, params = load_checkpoint(ckpt)
+    batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
+    extra = {"block_size": 4} if kind == "bd3lm" else {}
+    dense = make_objective(cfg, ObjectiveConfig(kind=kind, head_rows=0, **extra), B)
+    sparse = make_objective(cfg, ObjectiveConfig(kind=kind, head_rows=5, **extra), B)
+    for seed in (0, 1):
+        key = jax.random.key(seed)
+        (l1, s1), g1 = jax.value_and_grad(dense, has_aux=True)(params, batch, key)
+        (l2, s2), g2 = jax.value_and_grad(sparse, has_aux=True)(params, batch, key)
+        n_masked = int(s1["n_masked"])
+        assert 5 <= n_masked <= B * L - 10                 # some chunks are really skipped
+        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+        for k in s1:
+            np.testing.assert_allclose(float(s1[k]), float(s2[k]), rtol=1e-6, err_msg=k)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    nothing = dict(batch, maskable=jnp.zeros_like(batch["maskable"]))       # no masked position at all
+    (l3, s3), g3 = jax.value_and_grad(sparse, has_aux=True)(params, nothing, jax.random.key(0))
+    assert float(l3) == 0.0 and float(s3["n_masked"]) == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g3))
 
 
 def test_antithetic_times_are_stratified():

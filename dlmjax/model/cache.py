@@ -1,4 +1,6 @@
-"""Fixed-size KV cache for block decoding: k, v [layers, B, Lmax, Hkv, D] and a validity mask [B, Lmax].
+"""Fixed-size KV cache for block decoding: k, v [layers, B, Hkv, Lmax, D] and a validity mask [B, Lmax].
+
+Head-major, the layout attention reads, so a forward against the cache never transposes it.
 
 Slots are written with `dynamic_update_slice` at a write index (scalar, or one per row); nothing grows in Python.
 A forward with a cache writes this call's K/V at the index and attends over all Lmax slots, restricted to slots
@@ -15,20 +17,21 @@ from dlmjax.config import ModelConfig
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
 
 
-def write_rows(buf, new, index, axis: int):
+def write_rows(buf, new, index, axis: int, batch_axis: int | None = None):
     """Write `new` into `buf` at `index` along `axis` (the sequence axis). index: scalar or [B] (one per row).
 
-    The batch axis is `axis - 1`. A per-row index becomes a vmapped dynamic_update_slice (a scatter).
+    The batch axis is `batch_axis` (default `axis - 1`). A per-row index becomes a vmapped dynamic_update_slice.
     """
     index = jnp.asarray(index, jnp.int32)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis)
-    b_axis = axis - 1
-    f = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis - 1)
+    b_axis = axis - 1 if batch_axis is None else batch_axis
+    inner = axis - 1 if b_axis < axis else axis  # the sequence axis once the batch axis is mapped away
+    f = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, inner)
     return jax.vmap(f, in_axes=(b_axis, b_axis, 0), out_axes=b_axis)(buf, new.astype(buf.dtype), index)
 
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig, param_shapes
 from dlmjax.model import cache as kv
-from dlmjax.model.layers import F32, apply_rope, chunked_attention, dense, rms_norm, rope_tables, swiglu_mlp
+from dlmjax.model.layers import (F32, apply_rope, attention_cache_and_new, chunked_attention, dense, rms_norm,
+                                  rope_tables, swiglu_mlp)
 
 
 def init_params(cfg: ModelConfig, key, std: float = 0.02) -> dict:
@@ -46,9 +47,10 @@ def _remat(fn, policy: str):
 
 
 def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index, causal_chunk: int = 0):
-    """One pre-norm block. h: [B, L, D]; kc/vc: this layer's cache [B, Lmax, Hkv, Dh] or None.
+    """One pre-norm block. h: [B, L, D]; kc/vc: this layer's cache [B, Hkv, Lmax, Dh] or None.
 
-    Returns the new h and this call's (k, v) [B, L, Hkv, Dh] (post-RoPE, what the cache stores).
+    Returns the new h and this call's (k, v) (post-RoPE, what the cache stores): [B, Hkv, L, Dh] with a cache,
+    [B, L, Hkv, Dh] without.
     """
     dt = h.dtype
     lp = jax.tree.map(lambda w: w.astype(dt), lp)  # f32 master -> compute dtype, one layer at a time
@@ -65,11 +67,10 @@ def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index, causal_
     q = apply_rope(q, cos, sin, cfg.rope_full_precision)
     k = apply_rope(k, cos, sin, cfg.rope_full_precision)
     if kc is None:
-        k_all, v_all = k, v
-    else:
-        k_all = kv.write_rows(kc, k, cache_index, axis=1)
-        v_all = kv.write_rows(vc, v, cache_index, axis=1)
-    a = chunked_attention(q, k_all, v_all, mask, causal_chunk)
+        a = chunked_attention(q, k, v, mask, causal_chunk)
+    else:  # head-major cache [B, Hkv, Lmax, Dh], read as is; this call's K/V are attended to separately
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        a = attention_cache_and_new(q, kc, vc, mask[0], k, v, mask[1])
     h = h + dense(a, lp["wo"], "blhk,hkd->bld")
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps, one_round)
     h = h + swiglu_mlp(x, lp["w_gate"], lp["w_up"], lp["w_down"])
@@ -93,7 +94,8 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
                   causal_chunk: int = 0):
     """Final-normed hidden states [B, L, D] (compute dtype) and the updated cache (or None).
 
-    tokens, positions: [B, L] int; mask: [B or 1, L, Lk] bool with Lk = L without cache, Lk = Lmax with a cache
+    tokens, positions: [B, L] int; mask: [B or 1, L, Lk] bool with Lk = L without cache, Lk = Lmax with a cache,
+    or None = every key visible (no masking work at all; with a cache: every written slot)
     (keys are cache slots; this call's tokens are written at slots [cache_index, cache_index + L) first, and only
     written slots are ever visible). causal_chunk > 0 (static) promises that no query sees a key at or beyond the
     end of its chunk of that many positions (causal / block-causal masks, no cache): attention skips those keys.
@@ -104,8 +106,15 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
     if cache is not None:
         if cache_index is None:
             raise ValueError("hidden_states: a cache needs a cache_index")
-        valid = kv.mark_valid(cache["valid"], tokens.shape[1], cache_index)
-        mask = mask & valid[:, None, :]
+        n = tokens.shape[1]
+        valid = kv.mark_valid(cache["valid"], n, cache_index)
+        mask = valid[:, None, :] if mask is None else mask & valid[:, None, :]  # [B, L, Lmax] over the slots
+        start = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (tokens.shape[0],))[:, None]
+        slots = jnp.arange(valid.shape[1])[None]
+        overwritten = (slots >= start) & (slots < start + n)  # [B, Lmax]: this call's slots
+        cols = jnp.minimum(start + jnp.arange(n)[None], valid.shape[1] - 1)  # [B, L]
+        mask = (mask & ~overwritten[:, None, :],  # the cache as it was, minus the slots this call writes
+                jnp.take_along_axis(mask, jnp.broadcast_to(cols[:, None, :], (mask.shape[0], n, n)), axis=2))
 
     half = {w.dtype for w in jax.tree.leaves(params["layers"]) if w.dtype in _HALF}
     if len(half) > 1:
@@ -128,8 +137,8 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "sdar")
     if cache is None:
         return h, None
-    new_cache = {"k": kv.write_rows(cache["k"], k_new, cache_index, axis=2),
-                 "v": kv.write_rows(cache["v"], v_new, cache_index, axis=2), "valid": valid}
+    new_cache = {"k": kv.write_rows(cache["k"], k_new, cache_index, axis=3, batch_axis=1),
+                 "v": kv.write_rows(cache["v"], v_new, cache_index, axis=3, batch_axis=1), "valid": valid}
     return h, new_cache
 
 

@@ -26,6 +26,9 @@ class ObjectiveConfig:
     antithetic: bool = False  # md4 stratified times t_b = frac(u + b / B) across the (global) batch
     right_shift: bool | None = None  # Dream's logit shift; None = the model family's default
     ce_chunk: int = 0  # > 0: LM head + CE over sequence chunks of this many tokens (never [B, L, V] f32)
+    # > 0: LM head + CE only where the loss needs it: the masked positions of a micro-batch, gathered into chunks of
+    # this many rows, chunks with no masked position skipped (batch not sharded over devices; else ce_chunk's path)
+    head_rows: int = 512
     # bd3lm (spec §4): [x_t ; x_0] layout, block-diffusion mask
     block_size: int = 32
     block_noise: str = "sequence"  # sequence: one t per row (dLLM) | block: one t per block (SDAR / BD3-LM)
@@ -46,6 +49,7 @@ class ObjectiveConfig:
         _check(0.0 < self.cart_p <= 1.0, f"cart_p={self.cart_p} must be in (0, 1]")
         _check(self.norm in ("token", "sequence", "batch"), f"loss_norm={self.norm!r} is not token | sequence | batch")
         _check(self.ce_chunk >= 0, f"ce_chunk={self.ce_chunk} must be >= 0")
+        _check(self.head_rows >= 0, f"head_rows={self.head_rows} must be >= 0")
         _check(self.block_size > 0, f"block_size={self.block_size} must be positive")
         _check(self.block_noise in ("sequence", "block"), f"block_noise={self.block_noise!r} is not sequence | block")
         _check(self.num_buckets >= 2, f"num_buckets={self.num_buckets} must be >= 2")

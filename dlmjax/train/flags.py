@@ -40,8 +40,11 @@ flags.DEFINE_float("cart_p", 0.3, "sft: CART geometric p.")
 flags.DEFINE_enum("loss_norm", "token", ("token", "sequence", "batch"), "sft: normalisation of a micro-batch loss "
                   "(dLLM default token; LLaDA's recipe = sequence).")
 flags.DEFINE_bool("antithetic", False, "sft: stratified (antithetic) times across the batch (md4).")
-flags.DEFINE_integer("ce_chunk", 0, "sft: LM head + CE over sequence chunks of this size (0 = whole sequence).",
-                     lower_bound=0)
+flags.DEFINE_integer("ce_chunk", 0, "sft: LM head + CE over sequence chunks of this size (0 = whole sequence); "
+                     "the dense head's memory bound, used where --head_rows does not apply.", lower_bound=0)
+flags.DEFINE_integer("head_rows", 512, "sft: LM head + CE only at the masked positions, in chunks of this many "
+                     "(chunks with none skipped); applies when the batch is not split over devices. 0 = every "
+                     "position.", lower_bound=0)
 flags.DEFINE_integer("bd3lm_block", 32, "sft (bd3lm): block size of the block-diffusion mask.", lower_bound=1)
 flags.DEFINE_enum("block_noise", "sequence", ("sequence", "block"), "sft (bd3lm): one t per row (dLLM) or per "
                   "block (SDAR / BD3-LM).")
@@ -97,7 +100,7 @@ flags.DEFINE_list("rules", None, "eval: comma list of commit rules of --decoder,
 
 TRAIN_FLAGS = ("workdir", "train_steps", "init_ckpt", "data", "max_length", "epochs", "truncation", "skip_malformed",
                "param_dtype", "compute_dtype", "remat", "objective", "time_eps", "mask_schedule", "loss_weight",
-               "cart_p", "loss_norm", "antithetic", "ce_chunk", "bd3lm_block", "block_noise", "num_buckets", "p_high",
+               "cart_p", "loss_norm", "antithetic", "ce_chunk", "head_rows", "bd3lm_block", "block_noise", "num_buckets", "p_high",
                "p_low", "rho", "trims_k_range", "trims_weight", "lr", "warmup_ratio", "lr_schedule", "end_lr_ratio",
                "weight_decay", "clip_norm", "adam_b1", "adam_b2", "adam_eps", "grad_accum", "mesh_data", "mesh_fsdp",
                "mesh_tensor", "lora_rank", "lora_alpha", "lora_targets", "log_every", "save_every", "keep", "resume",
@@ -173,7 +176,8 @@ def sft_configs(n_examples_fn):
                              chat_template=F.chat_template, pad_bucket=F.num_buckets)
         oc = ObjectiveConfig(kind=F.objective, time_eps=F.time_eps, schedule=F.mask_schedule,
                              weight=F.loss_weight or "scheduler", cart_p=F.cart_p, norm=F.loss_norm,
-                             antithetic=F.antithetic, ce_chunk=F.ce_chunk, block_size=F.bd3lm_block,
+                             antithetic=F.antithetic, ce_chunk=F.ce_chunk, head_rows=F.head_rows,
+                             block_size=F.bd3lm_block,
                              block_noise=F.block_noise, num_buckets=F.num_buckets, p_high=F.p_high, p_low=F.p_low,
                              rho=F.rho, k_range=F.trims_k_range, trims_weight=F.trims_weight)
         opt = OptimConfig(lr=F.lr, total_steps=steps, warmup_steps=int(round(F.warmup_ratio * steps)),

@@ -25,11 +25,15 @@ LossFn = Callable[..., tuple]
 
 
 def head_ce(cfg: ModelConfig, params, h, targets):
-    """(CE [B, L] f32, argmax == target [B, L]) of the LM head on hidden states h [B, L, D]."""
+    """(CE [B, L] f32, target has the top logit [B, L]) of the LM head on hidden states h [B, L, D].
+
+    Accuracy is `logit[target] == max logit` (a tie counts as correct), not `argmax == target`: the max is the one
+    the log-sum-exp already takes, while an argmax is another full pass over [B, L, V] (~1 s per step at 8 x 512 x
+    49k on 2 CPU cores)."""
     logits = lm_head(cfg, params, h).astype(F32)  # [B, L, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - tgt, jnp.argmax(logits, axis=-1) == targets
+    return lse - tgt, tgt >= jnp.max(logits, axis=-1)
 
 
 def chunked_head_ce(cfg: ModelConfig, params, h, targets, chunk: int):
@@ -44,6 +48,33 @@ def chunked_head_ce(cfg: ModelConfig, params, h, targets, chunk: int):
     fn = jax.checkpoint(lambda hc, tc: head_ce(cfg, params, hc, tc))
     _, (ce, ok) = jax.lax.scan(lambda c, x: (c, fn(*x)), None, (hs, ts))
     return ce.swapaxes(0, 1).reshape(b, n), ok.swapaxes(0, 1).reshape(b, n)
+
+
+def masked_head_ce(cfg: ModelConfig, params, h, targets, masked, rows: int):
+    """head_ce only where `masked` [B, L] is set (zeros elsewhere): the positions are ordered masked-first, cut
+    into chunks of `rows`, and a chunk holding no masked position skips the LM head entirely (lax.cond, also in
+    the backward pass; each chunk's logits are recomputed there, never stored). With about a third of the positions
+    masked this is ~2.5x fewer head FLOPs than the dense head, the largest matmul of a small model's step."""
+    b, n, d = h.shape
+    total = b * n
+    c = min(rows, total)
+    nc = -(-total // c)
+    flat_m = masked.reshape(total)
+    order = jnp.argsort(~flat_m, stable=True)  # masked positions first, in index order
+    count = jnp.sum(flat_m, dtype=jnp.int32)
+    pad = nc * c - total
+    hs = jnp.pad(jnp.take(h.reshape(total, d), order, axis=0), ((0, pad), (0, 0))).reshape(nc, c, d)
+    ts = jnp.pad(jnp.take(targets.reshape(total), order), (0, pad)).reshape(nc, c)
+    fn = jax.checkpoint(lambda hc, tc: jax.tree.map(lambda x: x[0], head_ce(cfg, params, hc[None], tc[None])))
+
+    def chunk(_, xs):
+        j, hc, tc = xs
+        skip = lambda: (jnp.zeros((c,), F32), jnp.zeros((c,), bool))  # noqa: E731
+        return None, jax.lax.cond(j * c < count, lambda: fn(hc, tc), skip)
+
+    _, (ce, ok) = jax.lax.scan(chunk, None, (jnp.arange(nc), hs, ts))
+    inv = jnp.argsort(order)  # back to [B, L] order
+    return ce.reshape(-1)[inv].reshape(b, n), ok.reshape(-1)[inv].reshape(b, n)
 
 
 def normalise(nll, maskable, mode: str):
@@ -72,7 +103,7 @@ def _bidirectional_forward(cfg: ModelConfig, params, tokens, length, right_shift
         valid = jnp.arange(n)[None, :] < length[:, None]
         mask = jnp.broadcast_to(valid[:, None, :], (b, n, n))
     else:
-        mask = jnp.ones((1, n, n), bool)
+        mask = None  # every key visible: no masking work in attention
     h, _ = hidden_states(cfg, params, tokens, pos, mask)
     return shift_logits(h) if right_shift else h
 
@@ -96,6 +127,14 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
         from jax.sharding import PartitionSpec as P
 
         return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+
+    batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    sparse_head = oc.head_rows > 0 and batch_devices == 1  # a sharded batch would all-gather h for the gather
+
+    def head(params, h, ids, masked):
+        if sparse_head:
+            return masked_head_ce(cfg, params, h, ids, masked, oc.head_rows)
+        return chunked_head_ce(cfg, params, h, ids, oc.ce_chunk)
 
     if oc.kind in ("mdlm", "trims") and cfg.attention != "bidirectional":
         raise ValueError(f"objective={oc.kind} trains a bidirectional denoiser; the {cfg.family} checkpoint has "
@@ -135,7 +174,7 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
             w = _weights(oc, t, masked)
         x_t = jnp.where(masked, cfg.mask_token_id, ids)
         h = constrain(_bidirectional_forward(cfg, params, x_t, batch["length"], shift))
-        ce, ok = chunked_head_ce(cfg, params, h, ids, oc.ce_chunk)
+        ce, ok = head(params, h, ids, masked)
         nll = ce * w * masked
         return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable, extra)
 
@@ -158,7 +197,7 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
         pos = jnp.broadcast_to(jnp.tile(jnp.arange(n, dtype=jnp.int32), 2), (b, 2 * n))
         mask = jnp.asarray(noise.bd3lm_attention_mask(n, oc.block_size))[None]
         h, _ = hidden_states(cfg, params, tokens, pos, mask)
-        ce, ok = chunked_head_ce(cfg, params, constrain(h[:, :n]), ids, oc.ce_chunk)
+        ce, ok = head(params, constrain(h[:, :n]), ids, masked)
         nll = ce * w * masked
         return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable)
 
