@@ -168,6 +168,35 @@ def test_sample_categorical_replay_and_distribution():
     assert int(S.sample_categorical(S.forbid_token(big, 1), key=jax.random.key(3))[0]) != 1
 
 
+def test_sample_categorical_inverse_cdf_over_blocks():
+    """The keyed sampler is a two-level inverse CDF (256-slot blocks): replayed uniforms pick the same index as a
+    float64 NumPy inverse CDF (searchsorted), zero-probability slots (-inf holes, a whole empty block, the padding
+    past V) are never picked even at u -> 1, and keyed draws follow p over a vocabulary of several blocks."""
+    rng = np.random.default_rng(11)
+    v = 700                                                              # 3 blocks, the last one padded
+    x = (rng.normal(size=(6, v)) * 2).astype(np.float32)
+    x[:, 100:300] = -np.inf                                              # holes across a block boundary
+    x[1] = -np.inf
+    x[1, 650] = 0.0                                                      # one token in the padded last block
+    x[2, 256:] = -np.inf                                                 # everything in the first block
+    x[3, :512] = -np.inf                                                 # nothing in the first two blocks
+    p = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
+    cum = np.cumsum(p, 1)
+    f = jax.jit(lambda u: S.sample_categorical(jnp.asarray(x), uniforms=u))
+    for uval in [0.0, 0.123, 0.5, 0.77, 0.999, 1 - 2 ** -24]:
+        u = np.full((6,), uval, np.float32)
+        got = np.asarray(f(jnp.asarray(u)))
+        assert (p[np.arange(6), got] > 0).all()
+        want = np.array([np.searchsorted(cum[i], np.float64(u[i]) * cum[i, -1], side="right") for i in range(6)])
+        np.testing.assert_array_equal(got, np.minimum(want, [np.flatnonzero(p[i])[-1] for i in range(6)]))
+    probs = np.array([0.05, 0.0, 0.25, 0.1, 0.6])
+    logits = jnp.log(jnp.asarray(np.repeat(probs, 60) / 60, jnp.float32))     # 300 slots: spans 2 blocks
+    draws = jax.jit(jax.vmap(lambda kk: S.sample_categorical(logits, key=kk)))(jax.random.split(jax.random.key(1),
+                                                                                                  20000))
+    freq = np.bincount(np.asarray(draws) // 60, minlength=5) / 20000
+    np.testing.assert_allclose(freq, probs, atol=0.015)
+
+
 def test_gumbel_llada_float64_replay():
     x = random_logits(10)
     u = np.random.default_rng(2).random((R, V))                          # float64 uniforms, as torch.rand_like(f64)

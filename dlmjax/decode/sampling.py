@@ -215,14 +215,41 @@ def _need_one(**kw):
     return given[0]
 
 
-def sample_categorical(logits: jax.Array, *, key=None, gumbel=None, tokens=None) -> jax.Array:
-    """One draw from softmax(ℓ) per row: Gumbel-max on float32 logits (-inf never drawn), or replayed `gumbel`
-    noise `[..., V]`, or externally sampled `tokens` `[...]` returned as they are."""
-    which = _need_one(key=key, gumbel=gumbel, tokens=tokens)
+def sample_categorical(logits: jax.Array, *, key=None, gumbel=None, tokens=None, uniforms=None) -> jax.Array:
+    """One draw from softmax(ℓ) per row (-inf never drawn): with a `key`, inverse-CDF sampling with one uniform per
+    row (`uniforms` [...] replays them); or Gumbel-max with replayed `gumbel` noise `[..., V]`; or externally sampled
+    `tokens` `[...]` returned as they are. The references draw with torch.multinomial, itself an inverse CDF; one
+    uniform per row instead of V Gumbel draws is ~10x less work (the Gumbel noise of 64 rows x 49k cost 43 ms)."""
+    which = _need_one(key=key, gumbel=gumbel, tokens=tokens, uniforms=uniforms)
     if which == "tokens":
         return jnp.asarray(tokens).astype(jnp.int32)
-    g = gumbel if which == "gumbel" else jax.random.gumbel(key, logits.shape, jnp.float32)
-    return jnp.argmax(logits.astype(jnp.float32) + g.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    if which == "gumbel":
+        return jnp.argmax(logits.astype(jnp.float32) + gumbel.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    u = uniforms if which == "uniforms" else jax.random.uniform(key, logits.shape[:-1], jnp.float32)
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    lead, v = p.shape[:-1], p.shape[-1]
+    return _inverse_cdf(p.reshape(-1, v), jnp.asarray(u, jnp.float32).reshape(-1)).reshape(lead)
+
+
+def _inverse_cdf(p: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
+    """Index i with C[i-1] <= u * C[V-1] < C[i] (C = cumsum p) per row of p [N, V] >= 0, u [N] in [0, 1), in two
+    levels (block sums, then one block) so no [N, V] cumsum runs; a zero-probability index is never returned."""
+    n, v = p.shape
+    nb = -(-v // block)
+    pb = jnp.pad(p, ((0, 0), (0, nb * block - v))).reshape(n, nb, block)
+    bcum = jnp.cumsum(jnp.sum(pb, axis=-1), axis=-1)                     # [N, nb]
+    target = u * bcum[:, -1]
+    # the first block / slot whose cumulative sum exceeds the target: its own mass is > 0 (the sum grew there); a
+    # target at or past the end (f32 rounding between the two levels) falls back to the last nonzero block / slot
+    last_nz_blk = nb - 1 - jnp.argmax((bcum > jnp.concatenate([jnp.zeros((n, 1)), bcum[:, :-1]], -1))[:, ::-1], -1)
+    blk = jnp.minimum(jnp.sum(bcum <= target[:, None], axis=-1), last_nz_blk)
+    inner = jnp.take_along_axis(pb, blk[:, None, None], axis=1)[:, 0]    # [N, block]
+    before = jnp.where(blk > 0, jnp.take_along_axis(bcum, jnp.maximum(blk - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    icum = before[:, None] + jnp.cumsum(inner, axis=-1)
+    grew = icum > jnp.concatenate([before[:, None], icum[:, :-1]], axis=-1)
+    last_nz = block - 1 - jnp.argmax(grew[:, ::-1], axis=-1)
+    idx = jnp.minimum(jnp.sum(icum <= target[:, None], axis=-1), last_nz)
+    return (blk * block + idx).astype(jnp.int32)
 
 
 def gumbel_argmax_llada(logits: jax.Array, temperature: float, *, key=None, uniforms=None,
