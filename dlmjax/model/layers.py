@@ -105,18 +105,24 @@ def attention(q, k, v, mask):
     Layout: head-major [B, Hkv, G*Lq, D] so both products are plain batched matmuls (no [Lq, Lk]-sized
     transposes; 2x faster on XLA:CPU than the grouped einsum, BUILD_NOTES "Forward benchmark").
     """
-    return attention_kv_heads(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-
-
-def attention_kv_heads(q, kh, vh, mask):
-    """`attention` with head-major keys and values kh, vh: [B, Hkv, Lk, D] (the KV cache's layout)."""
-    b, lq, hq, d = q.shape
-    hkv = kh.shape[1]
-    g = hq // hkv
-    qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
+    lq, hkv = q.shape[1], k.shape[2]
     m = None if mask is None else mask[:, None, None]  # [B|1, 1, 1, Lq, Lk]
-    o = _attention_core(qh, kh, vh, m, lq)  # [B, Hkv, G*Lq, D]
-    return o.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+    o = _attention_core(_heads_major(q, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), m, lq)
+    return _heads_back(o, lq)
+
+
+def _heads_major(q, hkv: int):
+    """[B, Lq, Hq, D] -> [B, Hkv, G*Lq, D]: each KV head's G query heads stacked along the query axis."""
+    b, lq, hq, d = q.shape
+    g = hq // hkv
+    return q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
+
+
+def _heads_back(o, lq: int):
+    """Inverse of `_heads_major`: [B, Hkv, G*Lq, D] -> [B, Lq, Hq, D]."""
+    b, hkv, gq, d = o.shape
+    g = gq // lq
+    return o.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hkv * g, d)
 
 
 def _scores(qh, kh, m, lq: int):
@@ -151,16 +157,14 @@ def attention_cache_and_new(q, kc, vc, mask_c, kn, vn, mask_n):
     kn, vn: this call's [B, Hkv, Lq, D]; mask_c [B|1, Lq, Lmax] (the slots this call overwrites must be hidden),
     mask_n [B|1, Lq, Lq]. One softmax over the Lmax + Lq keys (cache slots first), so it equals `attention` over the
     cache with this call's K/V written in, up to the order of the f32 sums."""
-    b, lq, hq, d = q.shape
-    hkv, lmax = kc.shape[1], kc.shape[2]
-    g = hq // hkv
-    qh = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
+    lq, lmax = q.shape[1], kc.shape[2]
+    qh = _heads_major(q, kc.shape[1])
     s = jnp.concatenate([_scores(qh, kc, mask_c[:, None, None], lq), _scores(qh, kn, mask_n[:, None, None], lq)], -1)
     p, _ = _softmax(s, q.dtype)
-    p = p.reshape(b, hkv, g * lq, lmax + lq)
+    p = p.reshape(qh.shape[:3] + (lmax + lq,))
     o = (jnp.einsum("bhqk,bhkd->bhqd", p[..., :lmax], vc, preferred_element_type=F32)
          + jnp.einsum("bhqk,bhkd->bhqd", p[..., lmax:], vn, preferred_element_type=F32)).astype(q.dtype)
-    return o.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+    return _heads_back(o, lq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
