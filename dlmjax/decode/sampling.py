@@ -241,15 +241,18 @@ def _inverse_cdf(p: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
     target = u * bcum[:, -1]
     # the first block / slot whose cumulative sum exceeds the target: its own mass is > 0 (the sum grew there); a
     # target at or past the end (f32 rounding between the two levels) falls back to the last nonzero block / slot
-    last_nz_blk = nb - 1 - jnp.argmax((bcum > jnp.concatenate([jnp.zeros((n, 1)), bcum[:, :-1]], -1))[:, ::-1], -1)
-    blk = jnp.minimum(jnp.sum(bcum <= target[:, None], axis=-1), last_nz_blk)
+    blk = jnp.minimum(jnp.sum(bcum <= target[:, None], axis=-1), _last_rise(bcum, jnp.zeros((n,), bcum.dtype)))
     inner = jnp.take_along_axis(pb, blk[:, None, None], axis=1)[:, 0]    # [N, block]
     before = jnp.where(blk > 0, jnp.take_along_axis(bcum, jnp.maximum(blk - 1, 0)[:, None], axis=1)[:, 0], 0.0)
     icum = before[:, None] + jnp.cumsum(inner, axis=-1)
-    grew = icum > jnp.concatenate([before[:, None], icum[:, :-1]], axis=-1)
-    last_nz = block - 1 - jnp.argmax(grew[:, ::-1], axis=-1)
-    idx = jnp.minimum(jnp.sum(icum <= target[:, None], axis=-1), last_nz)
+    idx = jnp.minimum(jnp.sum(icum <= target[:, None], axis=-1), _last_rise(icum, before))
     return (blk * block + idx).astype(jnp.int32)
+
+
+def _last_rise(cum: jax.Array, start: jax.Array) -> jax.Array:
+    """Per row of cum [N, M] (a running sum that began at start [N]), the last index where it strictly grew."""
+    grew = cum > jnp.concatenate([start[:, None], cum[:, :-1]], axis=-1)
+    return cum.shape[-1] - 1 - jnp.argmax(grew[:, ::-1], axis=-1)
 
 
 def gumbel_argmax_llada(logits: jax.Array, temperature: float, *, key=None, uniforms=None,

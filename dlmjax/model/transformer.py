@@ -49,6 +49,9 @@ def _remat(fn, policy: str):
 def _layer(cfg: ModelConfig, h, lp, cos, sin, mask, kc, vc, cache_index, causal_chunk: int = 0):
     """One pre-norm block. h: [B, L, D]; kc/vc: this layer's cache [B, Hkv, Lmax, Dh] or None.
 
+    mask: without a cache [B|1, L, L] or None; with a cache the pair (over the cache slots as they were [B, L,
+    Lmax], over this call's tokens [B, L, L]) that `hidden_states` derives once for all layers.
+
     Returns the new h and this call's (k, v) (post-RoPE, what the cache stores): [B, Hkv, L, Dh] with a cache,
     [B, L, Hkv, Dh] without.
     """
@@ -113,7 +116,7 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
         slots = jnp.arange(valid.shape[1])[None]
         overwritten = (slots >= start) & (slots < start + n)  # [B, Lmax]: this call's slots
         cols = jnp.minimum(start + jnp.arange(n)[None], valid.shape[1] - 1)  # [B, L]
-        mask = (mask & ~overwritten[:, None, :],  # the cache as it was, minus the slots this call writes
+        mask = (mask & ~overwritten[:, None, :],  # (cache as it was minus the slots this call writes, own tokens)
                 jnp.take_along_axis(mask, jnp.broadcast_to(cols[:, None, :], (mask.shape[0], n, n)), axis=2))
 
     half = {w.dtype for w in jax.tree.leaves(params["layers"]) if w.dtype in _HALF}
