@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads(N) (default: torch's)")
     p.add_argument("--no-assert", action="store_true",
                    help="report token agreement instead of failing when ours and torch differ")
+    p.add_argument("--layer-loop", choices=("scan", "unrolled"), default="unrolled",
+                   help="ours: stacked layers under lax.scan, or unstacked params + per-layer cache in an unrolled "
+                        "loop (default unrolled: what the decode job's --layer_loop=auto runs on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown; JSON if the name ends in .json)")
     a = p.parse_args(argv)
@@ -415,7 +418,7 @@ def time_step(cfg, params, b: int, k: int, lmax: int, start_pos: int, reps: int,
     from dlmjax import model as M
 
     f = fns()
-    cache = M.init_cache(cfg, b, lmax)
+    cache = M.init_cache(cfg, b, lmax, per_layer=M.is_unstacked(params))
     cache["valid"] = jnp.broadcast_to(jnp.arange(lmax) < start_pos, (b, lmax))
     xb = jnp.full((b, k), cfg.mask_token_id, jnp.int32)
     start = jnp.full((b,), start_pos, jnp.int32)
@@ -442,7 +445,7 @@ def time_prefill(cfg, params, b: int, k: int, p: int, lmax: int, reps: int):
         return [0.0]
     f = fns()
     x = jnp.ones((b, pre), jnp.int32)
-    state = {"cache": M.init_cache(cfg, b, lmax)}
+    state = {"cache": M.init_cache(cfg, b, lmax, per_layer=M.is_unstacked(params))}
 
     def call():
         state["cache"] = f["prefill"](cfg, k, params, state["cache"], x)
@@ -498,7 +501,7 @@ def bare_forwards(cfg, params, b: int, k: int, p: int, lmax: int, iters: int):
     xpre = jnp.ones((b, pre), jnp.int32)
     xb = jnp.full((b, k), cfg.mask_token_id, jnp.int32)
     start = jnp.full((b,), pre, jnp.int32)
-    state = {"cache": M.init_cache(cfg, b, lmax)}
+    state = {"cache": M.init_cache(cfg, b, lmax, per_layer=M.is_unstacked(params))}
 
     def call():
         c = state["cache"]
@@ -839,6 +842,10 @@ def main(argv=None) -> int:
     texts, results = [], {}
     with tempfile.TemporaryDirectory(prefix="dlmjax-bench-decode-") as work:
         models = build_models(geometry, work, args.seed, sharpen, args.block_size)
+        if args.layer_loop == "unrolled":
+            from dlmjax import model as M
+
+            models = {name: (tm, cfg, M.unstack_layers(params)) for name, (tm, cfg, params) in models.items()}
         log(f"built + imported the random {gname} SDAR and LLaDA checkpoints")
         rng = np.random.default_rng(args.seed)
         for sec in args.sections:
@@ -848,7 +855,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     head = [f"command: `{command.strip()}`",
             f"model: random-weight {gname} geometry (SDAR = Qwen3 layout, LLaDA = Llama layout, untied LM head), "
-            f"final-norm weight {sharpen:g}, f32 on both sides; greedy, mask token forbidden, K={args.block_size}, "
+            f"final-norm weight {sharpen:g}, f32 on both sides; ours with the {args.layer_loop} layer loop; greedy, mask token forbidden, K={args.block_size}, "
             f"S={args.steps}, tau={args.tau:g}, m={args.budget_m:g}, P={args.prompt_len}, SDAR G={args.gen}, "
             f"LLaDA gen {args.llada_gen} block {args.llada_block} steps {args.llada_steps}",
             f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} on {', '.join(info['jax_devices'])}; "

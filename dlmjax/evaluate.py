@@ -55,7 +55,7 @@ class EvalRun:
 
 
 def evaluate(ckpt: str, data: str, runs: list[EvalRun], out_dir: str, scorer: str = "exact", batch_size: int = 16,
-             seed: int = 0, dtype: str = "float32", log=print) -> list[dict]:
+             seed: int = 0, dtype: str = "float32", layer_loop: str = "auto", log=print) -> list[dict]:
     """One row per run: accuracy, mean TPF, mean expected wrong commits, tokens/s."""
     score = _scorer(scorer)
     answers = read_answers(data)
@@ -64,7 +64,7 @@ def evaluate(ckpt: str, data: str, runs: list[EvalRun], out_dir: str, scorer: st
     for r in runs:
         out = os.path.join(out_dir, f"{r.name}.jsonl")
         job = DecodeJobConfig(ckpt=ckpt, prompts=data, out=out, decoder=r.decoder, batch_size=batch_size, seed=seed,
-                              dtype=dtype)
+                              dtype=dtype, layer_loop=layer_loop)
         summ = run_decode(job, r.config, log=lambda *_: None)
         with open(out) as f:
             recs = [json.loads(line) for line in f]

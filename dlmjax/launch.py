@@ -82,22 +82,30 @@ flags.DEFINE_enum("dream_alg", "entropy", ("origin", "maskgit_plus", "topk_margi
                   "--tau; max_new_tokens must be divisible by --steps).")
 flags.DEFINE_float("alg_temp", None, "decode (dream): > 0 draws the committed slots from softmax(conf / alg_temp).")
 flags.DEFINE_float("eps", 1e-3, "decode (dream): schedule end point t = linspace(1, eps, steps + 1).")
+flags.DEFINE_enum("dream_cache", "none", ("none", "prefix", "dual"), "decode (dream): Fast-dLLM v1 block + cache "
+                  "decoding (generation_utils_block.py), blocks of --block_size (default 32), cache refreshed at each "
+                  "block start; --dream_alg confidence_threshold (default here, --tau) | entropy (the reference's "
+                  "other branch: neg-entropy schedule over --steps / num_blocks steps per block); none = Dream's "
+                  "diffusion_generate.")
 
+flags.DEFINE_enum("layer_loop", "auto", ("auto", "scan", "unrolled"), "decode / eval: the model's layer loop: "
+                  "scan = lax.scan over stacked layers; unrolled = per-layer params and KV cache in an unrolled loop "
+                  "(faster on XLA:CPU: no per-layer weight/cache copies); auto = unrolled on CPU, scan elsewhere.")
 flags.DEFINE_float("nlc_budget", 1.0, "decode (sdar): nlc_bounded_dynamic budget of cumulative -log p.")
 flags.DEFINE_float("eb_threshold", 0.35, "decode (sdar): entropy_bounded budget of cumulative entropy.")
 
 _SDAR_ONLY = ("greedy", "stop_ids", "nlc_budget", "eb_threshold")
 _LLADA_ONLY = ("factor", "logits_eos_inf", "confidence_eos_eot_inf", "llada_cache", "cfg_scale")
-_DREAM_ONLY = ("dream_alg", "alg_temp", "eps")
+_DREAM_ONLY = ("dream_alg", "alg_temp", "eps", "dream_cache")
 _ONLY = {"sdar": _SDAR_ONLY + ("top_k", "top_p"), "llada": _LLADA_ONLY, "dream": _DREAM_ONLY + ("top_k", "top_p")}
 _DECODE_FLAGS = ("ckpt", "prompts", "out", "decoder", "batch_size", "seed", "chat_template", "dtype",
                  "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature", "conf_dtype",
-                 "forbid_mask_token", "top_k", "top_p") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
+                 "forbid_mask_token", "top_k", "top_p", "layer_loop") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
 _PARITY_FLAGS = ("cache_dir", "prompt", "new_tokens")
 
 
 _EVAL_DECODE = ("decoder", "max_new_tokens", "block_size", "steps", "rule", "tau", "budget_m", "temperature",
-                "conf_dtype", "forbid_mask_token", "top_k", "top_p") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
+                "conf_dtype", "forbid_mask_token", "top_k", "top_p", "layer_loop") + _SDAR_ONLY + _LLADA_ONLY + _DREAM_ONLY
 ALLOWED = {"parity": _PARITY_FLAGS, "decode": _DECODE_FLAGS, "sft": train_flags.TRAIN_FLAGS,
            "trims_score": train_flags.TRIMS_SCORE_FLAGS, "demo": train_flags.DEMO_FLAGS,
            "eval": train_flags.EVAL_FLAGS + _EVAL_DECODE}
@@ -135,8 +143,11 @@ def decode_configs(check_io: bool = True):
     d = FLAGS.decoder
     others = {n for k, v in _ONLY.items() if k != d for n in v} - set(_ONLY[d])
     _reject(sorted(others), f"is not used by --decoder={d}")
-    if d == "dream":
+    if d == "dream" and FLAGS.dream_cache == "none":
         _reject(("block_size",), "is not used by --decoder=dream")
+    if d == "dream" and FLAGS.dream_cache != "none":
+        _reject(("rule", "budget_m"), f"is not used by --dream_cache={FLAGS.dream_cache} (its step rule is "
+                                      "--dream_alg: confidence_threshold | entropy)")
     block = FLAGS.block_size or (4 if d == "sdar" else 32)
     try:
         if d == "sdar":
@@ -152,6 +163,13 @@ def decode_configs(check_io: bool = True):
                                 conf_dtype=FLAGS.conf_dtype or "float32", stop_ids=stop,
                                 forbid_mask_token=FLAGS.forbid_mask_token, nlc_budget=FLAGS.nlc_budget,
                                 eb_threshold=FLAGS.eb_threshold)
+        elif d == "dream" and FLAGS.dream_cache != "none":
+            dc = decoder_config("dream", cache=FLAGS.dream_cache, max_new_tokens=FLAGS.max_new_tokens,
+                                block_length=block, steps=FLAGS.steps or FLAGS.max_new_tokens, eps=FLAGS.eps,
+                                rule=FLAGS.dream_alg if FLAGS["dream_alg"].present else "confidence_threshold",
+                                tau=FLAGS.tau, alg_temp=FLAGS.alg_temp, temperature=FLAGS.temperature or 0.0,
+                                top_p=FLAGS.top_p if FLAGS.top_p < 1.0 else None, top_k=FLAGS.top_k or None,
+                                conf_dtype=FLAGS.conf_dtype, forbid_mask_token=FLAGS.forbid_mask_token)
         elif d == "dream":
             dc = decoder_config("dream", max_new_tokens=FLAGS.max_new_tokens, steps=FLAGS.steps or FLAGS.max_new_tokens,
                                 eps=FLAGS.eps, alg=FLAGS.dream_alg, alg_temp=FLAGS.alg_temp,
@@ -172,7 +190,7 @@ def decode_configs(check_io: bool = True):
             return None, dc
         job = DecodeJobConfig(ckpt=FLAGS.ckpt, prompts=FLAGS.prompts, out=FLAGS.out, decoder=d,
                               batch_size=FLAGS.batch_size, seed=FLAGS.seed, chat_template=FLAGS.chat_template,
-                              dtype=FLAGS.dtype)
+                              dtype=FLAGS.dtype, layer_loop=FLAGS.layer_loop)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     return job, dc

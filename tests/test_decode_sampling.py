@@ -334,3 +334,43 @@ def test_sample_llada_confidence_is_untempered():
         x0, c = S.sample_llada(jnp.asarray(x), temperature=0.7, uniforms=jnp.asarray(u), conf_dtype=jnp.float64)
         np.testing.assert_array_equal(x0, NP.gumbel_argmax_llada(x, 0.7, u))
         np.testing.assert_allclose(c, NP.token_confidence(x, np.asarray(x0), np.float64), rtol=1e-12)
+
+
+def test_first_argmax_is_numpy_argmax():
+    """Ties (first index), all -inf rows, NaN rows (the first NaN, as jnp/np.argmax), bf16, and 3-D input."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (7, 3, 50)).astype(np.float32)  # many exact ties
+    x[0, 0] = -np.inf
+    x[1, 1, [4, 9]] = np.nan
+    x[2, 2, 30] = np.inf
+    got = np.asarray(S.first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    xb = jnp.asarray(rng.normal(size=(5, 300)), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(S.first_argmax(xb)), np.argmax(np.asarray(xb, np.float32), axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nucleus_fast_path_equals_full_path(dtype):
+    """The top-candidates nucleus sampler (sample_sdar with a key, top-p, no top-k) draws the same tokens with the
+    same p0 as filter -> inverse CDF -> token_confidence over the whole vocabulary, given the same uniforms: on peaked
+    rows it decides from 64 candidates, and a batch holding one flat row takes the full path for that row."""
+    rng = np.random.default_rng(3)
+    v = 1000
+    peaked = rng.normal(size=(40, v)) * 4.0
+    flat_row = rng.normal(size=(1, v)) * 0.1                              # nucleus of ~900 tokens: not decided
+    u = jnp.asarray(rng.uniform(size=41), jnp.float32)
+    for logits, n_dec in ((peaked, 40), (np.concatenate([peaked, flat_row]), 40)):
+        x = jnp.asarray(logits, dtype)
+        uu = u[:x.shape[0]]
+        x0, p0 = S._sample_nucleus(x, 0.9, dtype, None, uniforms=uu)
+        xf = S.filter_logits(x, top_p=0.9, prob_dtype=dtype)
+        r0 = S.sample_categorical(xf, uniforms=uu)
+        np.testing.assert_array_equal(np.asarray(x0), np.asarray(r0))
+        ref_p0 = np.asarray(S.token_confidence(xf, r0, dtype), np.float32)  # f32 sums in another order: 2 ulp
+        np.testing.assert_allclose(np.asarray(p0, np.float32), ref_p0, rtol=2 * float(jnp.finfo(dtype).eps), atol=0)
+        assert int(jnp.sum(S.top_p_keep(x, 0.9, prob_dtype=dtype)[:40], axis=-1).max()) < 64  # decided rows
+    key = jax.random.key(0)  # the keyed entry point takes the fast path and samples inside the nucleus
+    x = jnp.asarray(peaked, dtype)
+    x0, _ = S.sample_sdar(x, temperature=1.0, top_k=0, top_p=0.9, dtype=dtype, key=key)
+    keep = np.asarray(S.top_p_keep(x, 0.9, prob_dtype=dtype))
+    assert keep[np.arange(40), np.asarray(x0)].all()

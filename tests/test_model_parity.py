@@ -27,8 +27,9 @@ def _batch(vocab, seed=0, pad_left=(0, 4, 0), pad_right=(0, 0, 3)):
     return tokens, valid
 
 
-def _ours(ckpt, tokens, valid, dtype=None):
+def _ours(ckpt, tokens, valid, dtype=None, unstacked=False):
     cfg, params = load_checkpoint(ckpt, dtype=dtype, **({"compute_dtype": dtype} if dtype else {}))
+    params = M.unstack_layers(params) if unstacked else params
     t, v = jnp.asarray(tokens, jnp.int32), jnp.asarray(valid)
     pos = M.default_positions(cfg, v)
     logits = M.forward_jit(cfg, params, t, pos, M.default_mask(cfg, v, pos))
@@ -55,11 +56,13 @@ def _rows(family, valid):
 FAMILIES = ["llada", "dream", "sdar", "llama", "qwen2", "qwen3"]
 
 
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_f32_logits_match_transformers(family, imported):
+def test_f32_logits_match_transformers(family, layers, imported):
+    """Both layer loops: stacked params under lax.scan, and unstacked params in an unrolled loop."""
     model, ckpt, raw, _ = imported(family)
     tokens, valid = _batch(raw.get("vocab_size") or raw["embedding_size"])
-    cfg, ours = _ours(ckpt, tokens, valid)
+    cfg, ours = _ours(ckpt, tokens, valid, unstacked=layers == "unrolled")
     ref = _reference(family, model, tokens, valid)
     rows = _rows(family, valid)
     scale = np.abs(ref[rows]).max()
@@ -92,15 +95,16 @@ def test_mask_matters(imported):
     assert np.abs(wrong - ref).max() > 1e-2
 
 
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
 @pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
-def test_bf16_argmax_agrees(family, imported):
+def test_bf16_argmax_agrees(family, layers, imported):
     """bf16 params + bf16 compute vs the transformers model in bf16: argmax agrees wherever the f32 reference has a
     clear top-1 (margin above 2% of the logit scale); near-ties may flip under different rounding."""
     model, ckpt, raw, _ = imported(family)
     tokens, valid = _batch(raw.get("vocab_size") or raw["embedding_size"], seed=1)
     ref32 = _reference(family, model, tokens, valid)
     ref16 = _reference(family, copy.deepcopy(model).to(torch.bfloat16), tokens, valid)  # never touch the shared model
-    _, ours = _ours(ckpt, tokens, valid, dtype="bfloat16")
+    _, ours = _ours(ckpt, tokens, valid, dtype="bfloat16", unstacked=layers == "unrolled")
     rows = _rows(family, valid)
     top2 = np.sort(ref32, axis=-1)[..., -2:]
     clear = rows & ((top2[..., 1] - top2[..., 0]) > 0.02 * np.abs(ref32[rows]).max())

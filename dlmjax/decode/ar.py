@@ -20,7 +20,7 @@ def greedy_generate(cfg: ModelConfig, params, prompt, num_new: int):
     b, lp = prompt.shape
     lmax = lp + num_new
     slots = jnp.broadcast_to(jnp.arange(lmax, dtype=jnp.int32), (b, lmax))
-    cache = M.init_cache(cfg, b, lmax)
+    cache = M.init_cache(cfg, b, lmax, per_layer=M.is_unstacked(params))
     pos = slots[:, :lp]
     mask = slots[:, None, :] <= pos[:, :, None]  # [B, Lp, Lmax] causal over slots
     logits, cache = M.forward(cfg, params, prompt, pos, mask, cache, 0)

@@ -16,13 +16,22 @@ import time
 import jax
 import numpy as np
 
+from dlmjax import model as M
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
+from dlmjax.decode.dream_cache import DreamCacheDecodeConfig, block_generate_cached
 from dlmjax.decode.llada import LLaDADecodeConfig
 from dlmjax.decode.llada import generate as llada_generate
 from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
 
 DECODERS = ("sdar", "llada", "dream")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+
+
+def unrolled_layers(layer_loop: str) -> bool:
+    """Whether decoding runs the unrolled layer loop: on XLA:CPU a scan copies every layer's weights and cache
+    slice per forward (and converts whole bf16 stacks), so `auto` unrolls there; TPU/GPU keep the scan."""
+    return layer_loop == "unrolled" or (layer_loop == "auto" and jax.default_backend() == "cpu")
 
 
 class PromptError(ValueError):
@@ -40,10 +49,13 @@ class DecodeJobConfig:
     chat_template: bool = True
     length_bucket: int = 16  # prompt widths are padded up to a multiple of this (fewer compilations)
     dtype: str = "float32"  # params + compute dtype
+    layer_loop: str = "auto"  # scan | unrolled (unstacked params) | auto = unrolled on CPU, scan elsewhere
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
             raise ValueError(f"--decoder={self.decoder!r} is not one of {DECODERS}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"--layer_loop={self.layer_loop!r} is not one of {LAYER_LOOPS}")
         if self.batch_size <= 0:
             raise ValueError("--batch_size must be positive")
 
@@ -119,6 +131,8 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
     from tqdm import tqdm
 
     cfg, params = load_checkpoint(job.ckpt, dtype=job.dtype, compute_dtype=job.dtype)
+    if unrolled_layers(job.layer_loop):
+        params = M.unstack_layers(params)
     if cfg.mask_token_id is None:
         raise ValueError(f"{job.ckpt}: config has no mask_token_id; the {job.decoder} decoder needs a dLLM "
                          f"checkpoint (family {cfg.family})")
@@ -145,7 +159,8 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
                 fwd = np.asarray(res["n_denoise"]) + np.asarray(res["n_save"])
             else:
                 arr, valid = _pack(ids, width, pad, left=True)
-                gen = llada_generate if job.decoder == "llada" else diffusion_generate
+                gen = (llada_generate if job.decoder == "llada" else
+                       block_generate_cached if isinstance(decode_cfg, DreamCacheDecodeConfig) else diffusion_generate)
                 res = gen(cfg, decode_cfg, params, arr, valid, jax.random.fold_in(key, b0))
                 fwd = np.broadcast_to(np.asarray(res["n_forward"]), (len(ids),))
             res = jax.device_get(res)
@@ -158,6 +173,8 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
                        "text": tok.decode(toks, skip_special_tokens=True) if tok is not None else None,
                        "step_map": res["step_map"][i, :n].tolist(), "tpf": float(res["tpf"][i]),
                        "expected_wrong_commits": float(res["ewc"][i]), "forwards": int(fwd[i])}
+                if "n_full" in res:  # Fast-dLLM Dream block + cache: the block-start full forwards among `forwards`
+                    rec.update(full_forwards=int(res["n_full"][i]))
                 if "n_denoise" in res:
                     rec.update(denoise_forwards=int(res["n_denoise"][i]), cache_forwards=int(res["n_save"][i]))
                 f.write(json.dumps(rec) + "\n")
@@ -181,5 +198,10 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
 
 
 def decoder_config(decoder: str, **kw):
-    """Frozen decoder config from flag values (bad values / combinations raise ValueError naming the field)."""
+    """Frozen decoder config from flag values (bad values / combinations raise ValueError naming the field).
+    dream with cache=prefix|dual: Fast-dLLM v1 block + cache decoding (DreamCacheDecodeConfig)."""
+    if decoder == "dream" and kw.get("cache", "none") != "none":
+        return DreamCacheDecodeConfig(**kw)
+    if decoder == "dream":
+        kw.pop("cache", None)
     return {"sdar": BlockDecodeConfig, "llada": LLaDADecodeConfig, "dream": DreamDecodeConfig}[decoder](**kw)

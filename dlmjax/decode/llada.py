@@ -199,7 +199,7 @@ def _generate(cfg, dc, params, prompts, prompt_valid, key, replay_uniforms):
         remaining = jnp.sum(jax.lax.dynamic_slice_in_dim(carry[0], start, blk, axis=1) == mask_id, axis=1,
                             dtype=jnp.int32)
         # step 0: a full forward (it also refreshes the Fast-dLLM cache); every block starts fully masked
-        cache = None if dc.cache == "none" else M.init_cache(cfg, b, length)
+        cache = None if dc.cache == "none" else M.init_cache(cfg, b, length, per_layer=M.is_unstacked(params))
         logits, cache = full_logits(carry[0], start, cache)
         if dc.cache == "prefix":
             cache = {**cache, "valid": cache["valid"] & (jnp.arange(length) < start)[None]}

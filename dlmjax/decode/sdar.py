@@ -114,7 +114,7 @@ def block_generate(cfg: ModelConfig, dc: BlockDecodeConfig, params, prompts, pro
     x = jnp.full((b, lmax), mask_id, jnp.int32)
     x = x.at[:, :p].set(jnp.where(jnp.arange(p) < plen[:, None], prompts.astype(jnp.int32), mask_id))
 
-    cache = M.init_cache(cfg, b, lmax)
+    cache = M.init_cache(cfg, b, lmax, per_layer=M.is_unstacked(params))
     pre = (plen // k) * k  # [B] full prompt blocks
     pre_max = (p // k) * k
     if pre_max > 0:

@@ -1,4 +1,5 @@
-"""Fixed-size KV cache for block decoding: k, v [layers, B, Hkv, Lmax, D] and a validity mask [B, Lmax].
+"""Fixed-size KV cache for block decoding: k, v [layers, B, Hkv, Lmax, D] (or per-layer tuples of [B, Hkv, Lmax, D]
+for unstacked params) and a validity mask [B, Lmax].
 
 Head-major, the layout attention reads, so a forward against the cache never transposes it.
 
@@ -15,10 +16,17 @@ import jax.numpy as jnp
 from dlmjax.config import ModelConfig
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
+    """Empty cache. per_layer=True (for unstacked params, `transformer.unstack_layers`): k and v are tuples of NL
+    arrays [B, Hkv, Lmax, D] instead of one [NL, ...] stack."""
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    valid = jnp.zeros((batch, max_len), bool)
+    if per_layer:
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+        return {"k": zeros(), "v": zeros(), "valid": valid}
+    shape = (cfg.num_layers, *shape)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": valid}
 
 
 def write_rows(buf, new, index, axis: int, batch_axis: int | None = None):

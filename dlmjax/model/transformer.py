@@ -7,6 +7,12 @@ params = {"embed": [V, D],
                      "mlp_norm": [NL, D], "w_gate"/"w_up": [NL, D, I], "w_down": [NL, I, D]},
           "final_norm": [D],
           ("lm_head": [V, D])  absent when tie_word_embeddings}
+
+Layer loop. Stacked "layers" (above) run under lax.scan: one traced layer, the layout of training, checkpoints and
+TPU/GPU. `unstack_layers` turns them into a tuple of per-layer dicts, which `hidden_states` runs as an unrolled
+Python loop (MaxText's `scan_layers=False`). On XLA:CPU this is the faster decode path: a scan slices (copies) each
+layer's weights and cache every iteration, and for bf16 stacks it converts the whole stack per call (BUILD_NOTES,
+"Layer loop"). A cache built with `per_layer=True` pairs with it: k/v are tuples of [B, Hkv, Lmax, Dh].
 """
 
 from __future__ import annotations
@@ -119,6 +125,9 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
         mask = (mask & ~overwritten[:, None, :],  # (cache as it was minus the slots this call writes, own tokens)
                 jnp.take_along_axis(mask, jnp.broadcast_to(cols[:, None, :], (mask.shape[0], n, n)), axis=2))
 
+    if is_unstacked(params):
+        return _hidden_states_unrolled(cfg, params, h, cos, sin, mask, cache, cache_index, causal_chunk,
+                                       None if cache is None else valid)
     half = {w.dtype for w in jax.tree.leaves(params["layers"]) if w.dtype in _HALF}
     if len(half) > 1:
         raise ValueError(f"layer params mix half dtypes {sorted(map(str, half))}")
@@ -143,6 +152,61 @@ def hidden_states(cfg: ModelConfig, params, tokens, positions, mask, cache=None,
     new_cache = {"k": kv.write_rows(cache["k"], k_new, cache_index, axis=3, batch_axis=1),
                  "v": kv.write_rows(cache["v"], v_new, cache_index, axis=3, batch_axis=1), "valid": valid}
     return h, new_cache
+
+
+def is_unstacked(params) -> bool:
+    """True when params["layers"] is a tuple of per-layer dicts (see `unstack_layers`)."""
+    return isinstance(params["layers"], (tuple, list))
+
+
+def unstack_layers(params) -> dict:
+    """Params whose "layers" is a tuple of NL per-layer dicts (leaves [...] without the NL axis): the unrolled
+    layer loop. Leaf by leaf, so at most one stacked leaf is held twice; the input dict is not modified."""
+    if is_unstacked(params):
+        return params
+    stacked = dict(params["layers"])
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    per_layer = [{} for _ in range(n)]
+    for name in list(stacked):
+        leaf = stacked.pop(name)
+        for i in range(n):
+            per_layer[i][name] = leaf[i]
+        del leaf
+    return {**params, "layers": tuple(per_layer)}
+
+
+def stack_layers(params) -> dict:
+    """Inverse of `unstack_layers`: "layers" back to one dict of [NL, ...] stacks."""
+    if not is_unstacked(params):
+        return params
+    layers = params["layers"]
+    return {**params, "layers": {name: jnp.stack([lp[name] for lp in layers]) for name in layers[0]}}
+
+
+def _after(x, dep):
+    """x, made data-dependent on `dep` (x + 0·dep[0]; exact for finite dep). The per-layer cache writes then follow
+    every read of the cache, so XLA writes the donated buffers in place instead of copying each one first."""
+    zero = jnp.zeros((), x.dtype) * jax.lax.stop_gradient(dep).reshape(-1)[0].astype(x.dtype)
+    return x + zero
+
+
+def _hidden_states_unrolled(cfg: ModelConfig, params, h, cos, sin, mask, cache, cache_index, causal_chunk, valid):
+    """`hidden_states` over a tuple of per-layer params (an unrolled Python loop; same `_layer`, same remat)."""
+    def layer(h, lp, kc, vc):
+        return _layer(cfg, h, lp, cos, sin, mask, kc, vc, cache_index, causal_chunk)
+
+    layer = _remat(layer, cfg.remat)
+    new_kv = []
+    for i, lp in enumerate(params["layers"]):
+        kc, vc = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
+        h, kv_new = layer(h, lp, kc, vc)
+        new_kv.append(kv_new)
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "sdar")
+    if cache is None:
+        return h, None
+    write = lambda buf, new: kv.write_rows(buf, _after(new, h), cache_index, axis=2, batch_axis=0)  # noqa: E731
+    return h, {"k": tuple(write(cache["k"][i], k) for i, (k, _) in enumerate(new_kv)),
+               "v": tuple(write(cache["v"][i], v) for i, (_, v) in enumerate(new_kv)), "valid": valid}
 
 
 def lm_head(cfg: ModelConfig, params, h):

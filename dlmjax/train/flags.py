@@ -272,7 +272,7 @@ def run_eval_job(decode_configs) -> int:
         c = _usage(lambda: dataclasses.replace(dc, rule=r))
         runs.append(EvalRun(f"{F.decoder}:{r}", F.decoder, c))
     rows = evaluate(F.ckpt, F.data, runs, F.workdir, scorer=F.scorer, batch_size=F.batch_size, seed=F.seed,
-                    dtype=F.dtype)
+                    dtype=F.dtype, layer_loop=F.layer_loop)
     table = format_table(rows)
     print(table)
     with open(os.path.join(F.workdir, "table.md"), "w") as f:
