@@ -39,6 +39,8 @@ Sections (`--sections`, comma-separated; default all):
             4096), measured on the jitted loop forward against a cache of Lmax = P + 2K slots; torch: one
             DynamicCache step ([B, K] against P cached tokens, then crop) at the same P. Optionally
             (`--cache-decode-max`) a real `block_generate` per P: (wall - prefill) / blocks.
+  layers    ours only: one loop forward with stacked layers under lax.scan vs unstacked layers in an unrolled loop
+            (per-layer cache), f32 and bf16, at the torch-section batch sizes and the cache-section prefixes.
   batch     ours: `block_generate` tokens/s and ms per loop iteration for B = 1 ... 32, with the overhead ratio.
   quality   TPF and expected wrong commits (sum of 1 - p over commits) of static / dynamic / tau-budget on the
             random-weight SDAR model (a sanity table; real quality is measured after training).
@@ -71,7 +73,7 @@ import numpy as np  # noqa: E402
 from bench.common import block, csv_list, machine_info, markdown_table, timed, write_llada_hf  # noqa: E402
 from bench.forward import SMOLLM2_135M, TINY  # noqa: E402
 
-SECTIONS = ("overhead", "torch", "cache", "batch", "quality", "profile")
+SECTIONS = ("overhead", "torch", "cache", "layers", "batch", "quality", "profile")
 DEFAULT_SHARPEN = {"SmolLM2-135M": 20.0, "tiny": 48.0}
 
 
@@ -720,6 +722,45 @@ def section_cache(args, models, rng, log):
     return text, rows
 
 
+def section_layers(args, models, rng, log):
+    """The loop forward ([B, K] against the cache) with stacked layers under lax.scan vs unstacked layers in an
+    unrolled loop (per-layer cache), in f32 and bf16 (params + compute), interleaved A/B/A/B."""
+    import jax
+    import jax.numpy as jnp
+
+    from dlmjax import model as M
+
+    _, cfg32, params = models["sdar"]
+    stacked = M.stack_layers(params)
+    k = args.block_size
+    rows = []
+    for dt in ("float32", "bfloat16"):
+        cfg = cfg32.replace(param_dtype=dt, compute_dtype=dt)
+        base = jax.tree.map(lambda w: w.astype(dt), stacked)
+        layouts = {"scan": base, "unrolled": M.unstack_layers(base)}
+        for b in args.torch_batch:
+            for p in args.cache_lengths:
+                lmax = -(-(p + 2 * k) // k) * k
+                ts = {name: [] for name in layouts}
+                for _ in range(2):
+                    for name, prm in layouts.items():
+                        ts[name] += time_step(cfg, prm, b, k, lmax, (p // k) * k, args.reps)
+                r = dict(dtype=dt, B=b, P=p, scan_ms=_median_ms(ts["scan"]), unrolled_ms=_median_ms(ts["unrolled"]))
+                rows.append(r)
+                log(f"layers {dt} B={b} P={p}: scan {r['scan_ms']:.1f} ms, unrolled {r['unrolled_ms']:.1f} ms")
+    first = {(r["dtype"], r["B"]): r for r in reversed(rows)}
+    headers = ["dtype", "B", "prefix P", "scan ms/fwd", "unrolled ms/fwd", "scan / unrolled", "scan vs first P",
+               "unrolled vs first P"]
+    body = [[r["dtype"], r["B"], r["P"], f"{r['scan_ms']:.1f}", f"{r['unrolled_ms']:.1f}",
+             f"{r['scan_ms'] / r['unrolled_ms']:.2f}", f"{r['scan_ms'] / first[(r['dtype'], r['B'])]['scan_ms']:.2f}",
+             f"{r['unrolled_ms'] / first[(r['dtype'], r['B'])]['unrolled_ms']:.2f}"] for r in rows]
+    text = (f"### Layer loop: scan vs unrolled (one loop forward, K={k}, cache of P + 2K slots)\n\nscan = stacked "
+            "params under lax.scan, [NL, ...] cache; unrolled = `M.unstack_layers` params and a per-layer cache "
+            "(the decode job's --layer_loop=auto on CPU); medians of two interleaved rounds\n\n"
+            + markdown_table(headers, body))
+    return text, rows
+
+
 def section_batch(args, models, rng, log):
     _, cfg, params = models["sdar"]
     rows = []
@@ -819,8 +860,8 @@ def section_profile(args, models, rng, log):
     return text, rows
 
 
-RUNNERS = {"overhead": section_overhead, "torch": section_torch, "cache": section_cache, "batch": section_batch,
-           "quality": section_quality, "profile": section_profile}
+RUNNERS = {"overhead": section_overhead, "torch": section_torch, "cache": section_cache, "layers": section_layers,
+           "batch": section_batch, "quality": section_quality, "profile": section_profile}
 
 
 def main(argv=None) -> int:
@@ -855,8 +896,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     head = [f"command: `{command.strip()}`",
             f"model: random-weight {gname} geometry (SDAR = Qwen3 layout, LLaDA = Llama layout, untied LM head), "
-            f"final-norm weight {sharpen:g}, f32 on both sides; ours with the {args.layer_loop} layer loop; greedy, mask token forbidden, K={args.block_size}, "
-            f"S={args.steps}, tau={args.tau:g}, m={args.budget_m:g}, P={args.prompt_len}, SDAR G={args.gen}, "
+            f"final-norm weight {sharpen:g}, f32 on both sides; ours with the {args.layer_loop} layer loop; greedy, "
+            f"mask token forbidden, K={args.block_size}, S={args.steps}, tau={args.tau:g}, m={args.budget_m:g}, P={args.prompt_len}, SDAR G={args.gen}, "
             f"LLaDA gen {args.llada_gen} block {args.llada_block} steps {args.llada_steps}",
             f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} on {', '.join(info['jax_devices'])}; "
             f"torch {info.get('torch')} with {torch.get_num_threads()} threads, transformers "

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-HEADINGS = ("### Loop overhead", "### Ours vs the PyTorch loop", "### KV cache", "### Batch scaling",
-            "### TPF and expected wrong commits", "### Profile of one SDAR iteration")
+HEADINGS = ("### Loop overhead", "### Ours vs the PyTorch loop", "### KV cache", "### Layer loop",
+            "### Batch scaling", "### TPF and expected wrong commits", "### Profile of one SDAR iteration")
 
 
 def _tables(stdout: str) -> list[list[dict]]:
@@ -42,18 +42,20 @@ def test_decode_bench_quick(tmp_path):
         assert h in text, h
     tables = _tables(text)
     assert len(tables) == len(HEADINGS)
-    overhead, vs_torch, cache, batch, quality, profile = tables
+    overhead, vs_torch, cache, layers, batch, quality, profile = tables
     assert [r["B"] for r in overhead] == ["1"] and float(overhead[0]["overhead ratio"]) > 0
     assert [r["decoder"] for r in vs_torch] == ["SDAR tau-budget", "SDAR dynamic", "LLaDA low-confidence"]
     for r in vs_torch:
         assert r["tokens equal"] == "1.000"
         assert float(r["ratio"]) > 0 and float(r["torch tok/s"]) > 0 and float(r["ours tok/s"]) > 0
     assert float(cache[0]["ours ms/fwd"]) > 0 and float(cache[0]["torch ms/fwd"]) > 0
+    assert {r["dtype"] for r in layers} == {"float32", "bfloat16"}
+    assert all(float(r["scan ms/fwd"]) > 0 and float(r["unrolled ms/fwd"]) > 0 for r in layers)
     assert float(batch[0]["tok/s"]) > 0
     assert {r["rule"] for r in quality} == {"dynamic", "tau_budget"}
     for r in quality:
         assert float(r["mean TPF"]) >= 1.0
     assert float(profile[0]["greedy + rule ms"]) > 0
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"overhead", "torch", "cache", "batch", "quality", "profile"}
+    assert set(data["results"]) == {"overhead", "torch", "cache", "layers", "batch", "quality", "profile"}
     assert data["results"]["torch"][0]["torch_fwd"] > 0

@@ -120,3 +120,48 @@ def test_decode_job_dream_flagfile(imported, tmp_path):
     r = launch("--job=decode", "--decoder=dream", f"--ckpt={ckpt}", f"--prompts={tmp_path / 'p.jsonl'}",
                 f"--out={tmp_path / 'o3.jsonl'}", "--dream_alg=confidence_threshold", "--max_new_tokens=8", "--steps=3")
     assert r.returncode != 0 and "max_new_tokens=8 is not divisible by steps=3" in r.stderr
+
+
+_PARSE = r"""
+import json, sys
+from absl import flags
+from dlmjax import launch
+
+F = flags.FLAGS
+out = {}
+for path in json.loads(sys.argv[1]):
+    F.unparse_flags()
+    F(["launch", f"--flagfile={path}"])
+    launch.check_job_flags(F.job)
+    _, dc = launch.decode_configs(check_io=False)
+    out[path.rsplit("/", 1)[1]] = [type(dc).__name__, {k: v for k, v in vars(dc).items() if not k.startswith("_")}]
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+def test_decode_recipe_flagfiles_parse():
+    """Every published decode setting in launch/flags parses and builds its decoder config (flag checks and the
+    config's cross-field checks), with the values the recipe names."""
+    import subprocess
+    import sys
+
+    names = ["sdar_tau_budget.flags", "tracerl_dynamic.flags", "llada_low_confidence.flags",
+             "fast_dllm_threshold.flags", "dream_entropy.flags", "fast_dllm_dream.flags"]
+    paths = [os.path.join(ROOT, "launch", "flags", n) for n in names]
+    r = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(paths)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert sorted(got) == sorted(names)
+    kind, sdar = got["sdar_tau_budget.flags"]
+    assert kind == "BlockDecodeConfig" and (sdar["rule"], sdar["block_size"], sdar["tau"], sdar["budget_m"]) == \
+        ("tau_budget", 16, 0.9, 1.0)
+    assert got["tracerl_dynamic.flags"][1]["rule"] == "dynamic" and got["tracerl_dynamic.flags"][1]["block_size"] == 4
+    kind, llada = got["llada_low_confidence.flags"]
+    assert kind == "LLaDADecodeConfig" and (llada["gen_length"], llada["block_length"], llada["steps"]) == \
+        (256, 32, 256)
+    assert got["fast_dllm_threshold.flags"][1]["rule"] == "fast_dllm_threshold"
+    assert got["dream_entropy.flags"][0] == "DreamDecodeConfig" and got["dream_entropy.flags"][1]["alg"] == "entropy"
+    kind, fd = got["fast_dllm_dream.flags"]
+    assert kind == "DreamCacheDecodeConfig" and (fd["cache"], fd["rule"], fd["block_length"], fd["tau"]) == \
+        ("prefix", "confidence_threshold", 32, 0.9)

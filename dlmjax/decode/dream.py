@@ -37,6 +37,20 @@ RULES = ("schedule", "tau_budget", "dynamic")
 CONF_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_sampling_fields(dc, bad) -> None:
+    """The checks every Dream config shares: eps, temperature, top_p, top_k and conf_dtype (bad(why) raises)."""
+    if not 0.0 < dc.eps < 1.0:
+        bad(f"eps={dc.eps} must lie in (0, 1)")
+    if dc.temperature < 0:
+        bad(f"temperature={dc.temperature} must be >= 0")
+    if dc.top_p is not None and not 0.0 < dc.top_p <= 1.0:
+        bad(f"top_p={dc.top_p} must lie in (0, 1]")
+    if dc.top_k is not None and dc.top_k < 1:
+        bad(f"top_k={dc.top_k} must be None or >= 1")
+    if dc.conf_dtype is not None and dc.conf_dtype not in CONF_DTYPES:
+        bad(f"conf_dtype={dc.conf_dtype!r} is not None or one of {CONF_DTYPES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DreamDecodeConfig:
     """Static settings of Dream decoding. Defaults: DreamGenerationConfig's (alg origin, T 0, eps 1e-3)."""
@@ -69,16 +83,7 @@ class DreamDecodeConfig:
             bad(f"rule={self.rule!r} is not one of {RULES}")
         if self.steps < 1 or self.max_new_tokens < 1:
             bad("steps and max_new_tokens must be positive")
-        if not 0.0 < self.eps < 1.0:
-            bad(f"eps={self.eps} must lie in (0, 1)")
-        if self.temperature < 0:
-            bad(f"temperature={self.temperature} must be >= 0")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p={self.top_p} must lie in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            bad(f"top_k={self.top_k} must be None or >= 1")
-        if self.conf_dtype is not None and self.conf_dtype not in CONF_DTYPES:
-            bad(f"conf_dtype={self.conf_dtype!r} is not None or one of {CONF_DTYPES}")
+        check_sampling_fields(self, bad)
         if self.batch_mean not in ("exact", "reciprocal"):
             bad(f"batch_mean={self.batch_mean!r} is not 'exact' or 'reciprocal'")
         if self.alg == "origin" and self.rule != "schedule":
@@ -242,6 +247,29 @@ def _valid_mask(prompt_valid, b: int, p: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
+def canvas(cfg: ModelConfig, dc, prompts, prompt_valid, caller: str):
+    """The Dream canvas [left-padded prompt | G masks] and what every Dream loop derives from it: (mask_id,
+    confidence dtype, forbidden token, tok_idx positions [B, L], padding attention mask [B, L, L], tokens [B, L]).
+    Pads hold pad_token_id (else eos, else 0); the G mask slots count as valid."""
+    b, p = prompts.shape
+    g = dc.max_new_tokens
+    mask_id = cfg.mask_token_id
+    if mask_id is None:
+        raise ValueError(f"{caller}: the model config has no mask_token_id")
+    if p == 0:
+        raise ValueError(f"{caller}: prompts need at least one column (Dream prompts start with BOS)")
+    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    dt = jnp.dtype(dc.conf_dtype or cfg.compute_dtype)
+    forbid = mask_id if dc.forbid_mask_token else None
+    pv = _valid_mask(prompt_valid, b, p)                                  # [B, P]
+    valid = jnp.concatenate([pv, jnp.ones((b, g), bool)], axis=1)         # [B, L]
+    pos = M.dream_positions(valid)                                        # tok_idx (= arange without padding)
+    attn = M.padding_mask(valid, mask_queries=True)                       # [B, L, L] valid_i and valid_j
+    x = jnp.concatenate([jnp.where(pv, prompts.astype(jnp.int32), pad_id), jnp.full((b, g), mask_id, jnp.int32)],
+                        axis=1)
+    return mask_id, dt, forbid, pos, attn, x
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts, prompt_valid, key, replay=None):
     """Decode B prompts together on a fixed canvas.
@@ -261,22 +289,8 @@ def diffusion_generate(cfg: ModelConfig, dc: DreamDecodeConfig, params, prompts,
     """
     b, p = prompts.shape
     g, steps, n_it = dc.max_new_tokens, dc.steps, dc.n_iterations
-    mask_id = cfg.mask_token_id
-    if mask_id is None:
-        raise ValueError("diffusion_generate: the model config has no mask_token_id")
-    if p == 0:
-        raise ValueError("diffusion_generate: prompts need at least one column (Dream prompts start with BOS)")
-    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
-    dt = jnp.dtype(dc.conf_dtype or cfg.compute_dtype)
-    forbid = mask_id if dc.forbid_mask_token else None
+    mask_id, dt, forbid, pos, attn, x = canvas(cfg, dc, prompts, prompt_valid, "diffusion_generate")
     replay = replay or {}
-
-    pv = _valid_mask(prompt_valid, b, p)                                  # [B, P]
-    valid = jnp.concatenate([pv, jnp.ones((b, g), bool)], axis=1)         # [B, L]; masks count as valid
-    pos = M.dream_positions(valid)                                        # tok_idx (= arange without padding)
-    attn = M.padding_mask(valid, mask_queries=True)                       # [B, L, L] valid_i and valid_j
-    x = jnp.concatenate([jnp.where(pv, prompts.astype(jnp.int32), pad_id), jnp.full((b, g), mask_id, jnp.int32)],
-                        axis=1)
     # completion slot j is predicted by position p + j - 1 (= M.shift_logits(logits)[:, p:]; position 0 keeps its
     # own): a static slice of the hidden states, so the LM head runs on G positions only
     src = slice(p - 1, p + g - 1) if cfg.logit_shift else slice(p, p + g)

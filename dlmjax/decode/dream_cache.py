@@ -75,16 +75,7 @@ class DreamCacheDecodeConfig:
             bad(f"max_new_tokens={self.max_new_tokens} is not a multiple of block_length={self.block_length}")
         if self.steps % self.num_blocks:
             bad(f"steps={self.steps} is not a multiple of the number of blocks {self.num_blocks}")
-        if not 0.0 < self.eps < 1.0:
-            bad(f"eps={self.eps} must lie in (0, 1)")
-        if self.temperature < 0:
-            bad(f"temperature={self.temperature} must be >= 0")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p={self.top_p} must lie in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            bad(f"top_k={self.top_k} must be None or >= 1")
-        if self.conf_dtype is not None and self.conf_dtype not in D.CONF_DTYPES:
-            bad(f"conf_dtype={self.conf_dtype!r} is not None or one of {D.CONF_DTYPES}")
+        D.check_sampling_fields(self, bad)
         if self.uses_alg_temp and self.rule != "entropy":
             bad("alg_temp > 0 applies to rule='entropy' only")
         if self.max_steps_per_block is not None:
@@ -150,23 +141,9 @@ def block_generate_cached(cfg: ModelConfig, dc: DreamCacheDecodeConfig, params, 
     g, blk, nb, s_blk, n_it = dc.max_new_tokens, dc.block_length, dc.num_blocks, dc.steps_per_block, dc.n_iterations
     cap = dc.cached_per_block
     length = p + g
-    mask_id = cfg.mask_token_id
-    if mask_id is None:
-        raise ValueError("block_generate_cached: the model config has no mask_token_id")
-    if p == 0:
-        raise ValueError("block_generate_cached: prompts need at least one column (Dream prompts start with BOS)")
-    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
-    dt = jnp.dtype(dc.conf_dtype or cfg.compute_dtype)
-    forbid = mask_id if dc.forbid_mask_token else None
+    mask_id, dt, forbid, pos, attn, x = D.canvas(cfg, dc, prompts, prompt_valid, "block_generate_cached")
     replay = replay or {}
     rows = jnp.arange(b)
-
-    pv = D._valid_mask(prompt_valid, b, p)                                # [B, P]
-    valid = jnp.concatenate([pv, jnp.ones((b, g), bool)], axis=1)         # [B, L]
-    pos = M.dream_positions(valid)                                        # tok_idx = arange for an unpadded row
-    attn = M.padding_mask(valid, mask_queries=True)                       # [B, L, L]
-    x = jnp.concatenate([jnp.where(pv, prompts.astype(jnp.int32), pad_id), jnp.full((b, g), mask_id, jnp.int32)],
-                        axis=1)
     ktab = jnp.asarray(entropy_counts(dc))                                # [S, blk + 1]
 
     def window_logits(h):
