@@ -184,10 +184,11 @@ def stack_layers(params) -> dict:
 
 
 def _after(x, dep):
-    """x, made data-dependent on `dep` (x + 0·dep[0]; exact for finite dep). The per-layer cache writes then follow
-    every read of the cache, so XLA writes the donated buffers in place instead of copying each one first."""
-    zero = jnp.zeros((), x.dtype) * jax.lax.stop_gradient(dep).reshape(-1)[0].astype(x.dtype)
-    return x + zero
+    """x, made data-dependent on `dep`: x + min(|dep[0]|, 0), which is x for any dep[0] but NaN (XLA cannot fold it
+    away). The per-layer cache writes then follow every read of the cache, so XLA writes the donated buffers in
+    place instead of copying each one first (tested on the compiled HLO)."""
+    d = jax.lax.stop_gradient(dep).reshape(-1)[0].astype(x.dtype)
+    return x + jnp.minimum(jnp.abs(d), jnp.zeros((), x.dtype))
 
 
 def _hidden_states_unrolled(cfg: ModelConfig, params, h, cos, sin, mask, cache, cache_index, causal_chunk, valid):
