@@ -21,8 +21,7 @@ from dlmjax.decode.rules import round_to
 __all__ = [
     "probs", "apply_temperature", "top_k_keep", "top_p_keep", "filter_logits", "forbid_token", "greedy",
     "first_argmax", "sample_categorical", "gumbel_argmax_llada", "token_confidence", "max_confidence",
-    "margin_confidence",
-    "neg_entropy_confidence", "clamped_entropy", "sample_llada", "sample_dream", "sample_sdar",
+    "margin_confidence", "neg_entropy_confidence", "clamped_entropy", "sample_llada", "sample_dream", "sample_sdar",
 ]
 
 

@@ -161,18 +161,13 @@ def is_unstacked(params) -> bool:
 
 def unstack_layers(params) -> dict:
     """Params whose "layers" is a tuple of NL per-layer dicts (leaves [...] without the NL axis): the unrolled
-    layer loop. Leaf by leaf, so at most one stacked leaf is held twice; the input dict is not modified."""
+    layer loop. The input is not modified: both layouts are alive until the caller drops the stacked params (the
+    decode job rebinds its only reference), so the peak is twice the layer weights for the duration of the call."""
     if is_unstacked(params):
         return params
-    stacked = dict(params["layers"])
+    stacked = params["layers"]
     n = jax.tree.leaves(stacked)[0].shape[0]
-    per_layer = [{} for _ in range(n)]
-    for name in list(stacked):
-        leaf = stacked.pop(name)
-        for i in range(n):
-            per_layer[i][name] = leaf[i]
-        del leaf
-    return {**params, "layers": tuple(per_layer)}
+    return {**params, "layers": tuple({name: w[i] for name, w in stacked.items()} for i in range(n))}
 
 
 def stack_layers(params) -> dict:
