@@ -33,3 +33,15 @@ def imported(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def dream(imported):
+    """(torch Dream reference, cfg, params) of the random Dream model with its LM head scaled by SHARPEN on both
+    sides, so thresholds matter (the Dream decoder tests)."""
+    from dlmjax.checkpoint import load_checkpoint
+    from tests.dream_common import SHARPEN
+
+    model, ckpt, _, _ = imported("dream")
+    cfg, params = load_checkpoint(ckpt)
+    return hf_models.scaled_lm_head(model, SHARPEN, None), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}

@@ -9,52 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import dream as D
 from dlmjax.decode import sampling
 from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
+from tests.dream_common import PROMPTS, assert_rows_decode_alone, left_pad, run_decoder
 from tests.reference import fastdllm_dream as FD
 from tests.reference import hf_models as R
 from tests.reference import torch_dream as TD
 
-PROMPTS = [[3, 17, 22, 9, 41], [8, 8, 30, 2, 11, 60, 7, 19], [50, 4]]  # left-padded to P = 8
-P, G, STEPS = 8, 12, 6  # schedule k = 1, 2, 2, 2, 2, 3
-SHARPEN = 5.0  # lm-head scale: a random model is too unsure for thresholds to matter; this makes TPF > 1
+G, STEPS = 12, 6  # schedule k = 1, 2, 2, 2, 2, 3
 
 
-@pytest.fixture(scope="module")
-def dream(imported):
-    model, ckpt, raw, _ = imported("dream")
-    cfg, params = load_checkpoint(ckpt)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: 2 OpenMP threads on 2 shared cores are ~50x slower here
-    yield R.scaled_lm_head(model, SHARPEN, None), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
-    torch.set_num_threads(threads)
-
-
-
-
-def _batch(prompts, p=P):
-    ids = np.zeros((len(prompts), p), np.int32)
-    valid = np.zeros((len(prompts), p), bool)
-    for i, pr in enumerate(prompts):
-        ids[i, p - len(pr):] = pr
-        valid[i, p - len(pr):] = True
-    return ids, valid
+def _run(cfg, dc, params, prompts, **kw):
+    return run_decoder(diffusion_generate, cfg, dc, params, prompts, **kw)
 
 
 def _ref_kwargs(dc: DreamDecodeConfig):
     return dict(max_new=dc.max_new_tokens, steps=dc.steps, eps=dc.eps, alg=dc.alg, alg_temp=dc.alg_temp,
                 temperature=dc.temperature, top_p=dc.top_p, top_k=dc.top_k, rule=dc.rule, tau=dc.tau,
                 m=dc.budget_m, forbid_mask=dc.forbid_mask_token)
-
-
-def _run(cfg, dc, params, prompts, replay=None, key=0, lengths=False):
-    ids, valid = _batch(prompts)
-    pv = valid.sum(1).astype(np.int32) if lengths else valid
-    rp = None if replay is None else {k: jnp.asarray(v) for k, v in replay.items()}
-    return jax.device_get(diffusion_generate(cfg, dc, params, jnp.asarray(ids), jnp.asarray(pv),
-                                             jax.random.key(key), rp))
 
 
 def _check(ours, ref):
@@ -165,7 +138,7 @@ def test_greedy_matches_reference(dream, alg, top_p, top_k):
     model, cfg, params = dream
     dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg=alg, top_p=top_p, top_k=top_k, forbid_mask_token=True)
     ours = _run(cfg, dc, params, PROMPTS)
-    ids, valid = _batch(PROMPTS)
+    ids, valid = left_pad(PROMPTS)
     ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
     _check(ours, ref)
     lock = D.lockstep_schedule(dc)
@@ -176,10 +149,7 @@ def test_greedy_matches_reference(dream, alg, top_p, top_k):
     _recount(ours, dc)
     if alg == "maskgit_plus":
         # batched = one at a time (same padded width: one compilation), lengths form of prompt_valid
-        for i, pr in enumerate(PROMPTS):
-            one = _run(cfg, dc, params, [pr], lengths=True)
-            np.testing.assert_array_equal(one["tokens"][0], ours["tokens"][i])
-            np.testing.assert_array_equal(one["step_map"][0], ours["step_map"][i])
+        assert_rows_decode_alone(diffusion_generate, cfg, dc, params, ours, ("tokens", "step_map"))
         # a padded row decodes as the same prompt alone without padding (tok_idx positions, pad rows invisible)
         ids1 = jnp.asarray([PROMPTS[0]], jnp.int32)
         alone = jax.device_get(diffusion_generate(cfg, dc, params, ids1, jnp.ones((1, 5), bool), jax.random.key(0)))
@@ -193,7 +163,7 @@ def test_sampled_with_replayed_draws_matches_reference(dream, alg, temperature, 
     model, cfg, params = dream
     dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg=alg, temperature=temperature, top_p=top_p,
                            top_k=top_k, forbid_mask_token=forbid)
-    ids, valid = _batch(PROMPTS)
+    ids, valid = left_pad(PROMPTS)
     ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, seed=7, **_ref_kwargs(dc))
     names = ("uniforms", "tokens") if alg == "origin" else ("tokens",)
     ours = _run(cfg, dc, params, PROMPTS, replay={k: ref["draws"][k] for k in names})
@@ -206,7 +176,7 @@ def test_sampled_with_replayed_draws_matches_reference(dream, alg, temperature, 
 def test_alg_temp_with_replayed_gumbel_matches_reference(dream):
     model, cfg, params = dream
     dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="topk_margin", alg_temp=0.5, forbid_mask_token=True)
-    ids, valid = _batch(PROMPTS)
+    ids, valid = left_pad(PROMPTS)
     ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, seed=3, **_ref_kwargs(dc))
     ours = _run(cfg, dc, params, PROMPTS, replay={"gumbel": ref["draws"]["gumbel"]})
     _check(ours, ref)
@@ -223,7 +193,7 @@ def test_rule_matches_reference(dream, rule, tau, m):
     dc = DreamDecodeConfig(max_new_tokens=G, steps=STEPS, alg="maskgit_plus", rule=rule, tau=tau, budget_m=m,
                            forbid_mask_token=True)
     ours = _run(cfg, dc, params, PROMPTS)
-    ids, valid = _batch(PROMPTS)
+    ids, valid = left_pad(PROMPTS)
     ref = TD.diffusion_generate(model, ids, valid, mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
     _check(ours, ref)
     _recount(ours, dc)
@@ -239,7 +209,7 @@ def test_mask_token_may_be_sampled_by_default(dream):
     boost = 1.5
     boosted = {**params, "lm_head": params["lm_head"].at[cfg.mask_token_id].multiply(boost)}
     dc = DreamDecodeConfig(max_new_tokens=G, steps=G, alg="maskgit_plus")
-    ids, valid = _batch(PROMPTS)
+    ids, valid = left_pad(PROMPTS)
     ref = TD.diffusion_generate(R.scaled_lm_head(model, boost, cfg.mask_token_id), ids, valid,
                                 mask_id=cfg.mask_token_id, **_ref_kwargs(dc))
     assert ref["surplus"] == 0
@@ -352,10 +322,7 @@ def test_confidence_threshold_matches_reference(dream, case):
     if case == "bf16_ties":
         assert sum(r["boundary_ties"] for r in refs) > 0 and sum(r["tau_edge"] for r in refs) > 0
     if case != "q4_low_tau":  # batched = one at a time
-        for i, pr in enumerate(PROMPTS):
-            one = _run(cfg, dc, params, [pr], lengths=True)
-            for name in ("tokens", "step_map", "n_forward"):
-                np.testing.assert_array_equal(one[name][0], ours[name][i])
+        assert_rows_decode_alone(diffusion_generate, cfg, dc, params, ours)
 
 
 def test_confidence_threshold_sampled_with_replayed_tokens(dream):

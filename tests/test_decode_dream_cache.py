@@ -12,44 +12,20 @@ import torch
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import dream_cache as DC
 from dlmjax.decode.dream_cache import DreamCacheDecodeConfig, block_generate_cached
+from tests.dream_common import PROMPTS, assert_rows_decode_alone, left_pad, run_decoder
 from tests.reference import fastdllm_dream_block as FB
 from tests.reference import hf_models as R
 
-PROMPTS = [[3, 17, 22, 9, 41], [8, 8, 30, 2, 11, 60, 7, 19], [50, 4]]  # left-padded to P = 8
-P, G, BLK = 8, 12, 4  # 3 blocks
-SHARPEN = 5.0  # lm-head scale: a random model is too unsure for thresholds to matter; this makes TPF > 1
+G, BLK = 12, 4  # 3 blocks
 
 
-@pytest.fixture(scope="module")
-def dream(imported):
-    model, ckpt, raw, _ = imported("dream")
-    cfg, params = load_checkpoint(ckpt)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: 2 OpenMP threads on 2 shared cores are much slower here
-    yield R.scaled_lm_head(model, SHARPEN, None), cfg, {**params, "lm_head": params["lm_head"] * SHARPEN}
-    torch.set_num_threads(threads)
+def _run(cfg, dc, params, prompts, **kw):
+    return run_decoder(block_generate_cached, cfg, dc, params, prompts, **kw)
 
 
 def _dc(**kw):
     return DreamCacheDecodeConfig(**{"max_new_tokens": G, "block_length": BLK, "steps": G,
                                      "forbid_mask_token": True, **kw})
-
-
-def _batch(prompts, p=P):
-    ids = np.zeros((len(prompts), p), np.int32)
-    valid = np.zeros((len(prompts), p), bool)
-    for i, pr in enumerate(prompts):
-        ids[i, p - len(pr):] = pr
-        valid[i, p - len(pr):] = True
-    return ids, valid
-
-
-def _run(cfg, dc, params, prompts, replay=None, key=0, lengths=False):
-    ids, valid = _batch(prompts)
-    pv = valid.sum(1).astype(np.int32) if lengths else valid
-    rp = None if replay is None else {k: jnp.asarray(v) for k, v in replay.items()}
-    return jax.device_get(block_generate_cached(cfg, dc, params, jnp.asarray(ids), jnp.asarray(pv),
-                                                jax.random.key(key), rp))
 
 
 def _ref(model, cfg, dc, prompt, cache=None, **kw):
@@ -149,10 +125,7 @@ def test_greedy_matches_reference(dream, case):
     assert any((e["tokens"] != r["tokens"]).any() for e, r in zip(exact, refs))
     assert not np.allclose(np.stack([e["conf"] for e in exact]), ours["conf"], atol=1e-3)
     if case in ("threshold_prefix", "entropy_dual"):  # batched = one at a time
-        for i, pr in enumerate(PROMPTS):
-            one = _run(cfg, dc, params, [pr], lengths=True)
-            for name in ("tokens", "step_map", "n_forward"):
-                np.testing.assert_array_equal(one[name][0], ours[name][i])
+        assert_rows_decode_alone(block_generate_cached, cfg, dc, params, ours)
 
 
 def test_prefix_and_dual_differ(dream):
@@ -264,7 +237,7 @@ def test_decode_job_dream_cache(imported, tmp_path):
     cfg, params = load_checkpoint(ckpt)
     dc = DreamCacheDecodeConfig(max_new_tokens=8, block_length=4, steps=8, cache="dual", tau=0.5,
                                 forbid_mask_token=True)
-    ids, valid = _batch(lines, p=16)
+    ids, valid = left_pad(lines, p=16)
     direct = jax.device_get(block_generate_cached(cfg, dc, params, ids, valid, jax.random.key(0)))
     for i, rec in enumerate(recs):
         assert rec["ids"] == direct["tokens"][i].tolist() and rec["step_map"] == direct["step_map"][i].tolist()
