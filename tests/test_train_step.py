@@ -17,6 +17,7 @@ from dlmjax.train import lora as lora_lib
 from dlmjax.train import mesh as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
+from dlmjax.train.objective import add_noise
 from dlmjax.train.objectives import make_objective
 from tests.workers import sharded_step as W
 
@@ -52,9 +53,14 @@ def _setup(accum, norm="batch", lc=LoRAConfig(), eps=1e-8):
     bsh = mesh_lib.batch_shardings(mesh, b0)
     fsh = None if frozen is None else mesh_lib.shardings(mesh, mesh_lib.param_specs(mesh, frozen))
     sc = StepConfig(global_batch=W.B, grad_accum=accum)
-    loss_fn = make_objective(cfg, ObjectiveConfig(norm=norm), W.B)
-    fn = step_lib.make_train_step(loss_fn, sc, opt, tx, combine, mesh, sh, fsh, bsh)
-    return cfg, params, state, frozen, fn, loss_fn, combine
+    obj = make_objective(cfg, ObjectiveConfig(norm=norm), W.B)
+    fn = step_lib.make_train_step(obj, sc, opt, tx, combine, mesh, sh, fsh, bsh)
+    return cfg, params, state, frozen, fn, obj.loss_fn, combine
+
+
+def _noised(batch, key, step):
+    """The loop's batch builder: the step's noise fields from fold_in(key, step)."""
+    return add_noise({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.fold_in(key, step))
 
 
 def test_grad_accumulation_is_exact_with_batch_norm():
@@ -64,7 +70,7 @@ def test_grad_accumulation_is_exact_with_batch_norm():
         # a large Adam eps keeps the first update proportional to the gradient (eps=1e-8 would make it sign(g),
         # which amplifies float-rounding differences of near-zero gradient entries)
         _, _, state, frozen, fn, _, _ = _setup(accum, eps=1e-2)
-        state, m = fn(state, frozen, W.batch(0), jax.random.key(3))
+        state, m = fn(state, frozen, _noised(W.batch(0), jax.random.key(3), 0))
         outs.append((float(m["loss"]), jax.tree.map(np.asarray, state["params"]), float(m["grad_norm"])))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
     np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-5)
@@ -78,9 +84,9 @@ def test_step_is_adamw_on_the_loss_gradient():
     p0 = jax.tree.map(np.asarray, state["params"])
     batch = W.batch(0)
     key = jax.random.key(3)
-    jb = {**{k: jnp.asarray(v) for k, v in batch.items()}, "row": jnp.arange(W.B, dtype=jnp.int32)}
-    g = jax.grad(lambda p: loss_fn(p, jb, jax.random.fold_in(key, 0))[0])(params)
-    state, m = fn(state, frozen, batch, key)
+    jb = _noised(batch, key, 0)
+    g = jax.grad(lambda p: loss_fn(p, jb)[0])(params)
+    state, m = fn(state, frozen, jb)
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-3
     for p_new, p_old, gr in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(p0), jax.tree.leaves(g)):
         gr = np.asarray(gr, np.float64)
@@ -95,7 +101,7 @@ def test_lora_trains_only_adapters_and_merges():
     cfg, params, state, frozen, fn, _, combine = _setup(1, lc=lc)
     base = jax.tree.map(np.asarray, frozen)
     for i in range(3):
-        state, m = fn(state, frozen, W.batch(i), jax.random.key(0))
+        state, m = fn(state, frozen, _noised(W.batch(i), jax.random.key(0), i))
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))  # base untouched
     ad = state["params"]

@@ -35,13 +35,23 @@ def elbo_weight(schedule: str, t):
 
 # --- randomness ------------------------------------------------------------------------------------------------------
 
-def row_uniforms(key, rows, length: int, n_scalars: int):
-    """Per-row uniforms: (scalars [B, n_scalars], per-token [B, L]) from fold_in(key, global row index)."""
-    def one(r):
-        k_s, k_t = jax.random.split(jax.random.fold_in(key, r))
+def row_keys(key, rows):
+    """Per-row key data [B, 2] uint32 = fold_in(key, global row index): what a batch builder places in the batch."""
+    return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(key, r)))(rows)
+
+
+def uniforms_from_row_keys(keys, length: int, n_scalars: int):
+    """Per-row uniforms (scalars [B, n_scalars], per-token [B, L]) from per-row key data [B, 2] (row_keys)."""
+    def one(k):
+        k_s, k_t = jax.random.split(jax.random.wrap_key_data(k))
         return jax.random.uniform(k_s, (n_scalars,), F32), jax.random.uniform(k_t, (length,), F32)
 
-    return jax.vmap(one)(rows)
+    return jax.vmap(one)(keys)
+
+
+def row_uniforms(key, rows, length: int, n_scalars: int):
+    """Per-row uniforms: (scalars [B, n_scalars], per-token [B, L]) from fold_in(key, global row index)."""
+    return uniforms_from_row_keys(row_keys(key, rows), length, n_scalars)
 
 
 def sample_times(u, eps: float, antithetic: bool = False, rows=None, n_rows: int | None = None, u0=None):

@@ -1,8 +1,8 @@
-"""Training objectives as pure functions `loss_fn(params, batch, key) -> (loss, sums)`; the step is generic over them.
+"""The masked-diffusion SFT objectives (MDLM, BD3LM, TRIMS) as `Objective` records (train/objective.py).
 
 batch: {"input_ids": [B, L] int32, "maskable": [B, L] bool (response + trained pads), "length": [B] int32,
-        "row": [B] int32 global row index (added by the step), ("bucket": [B, L] int8 for TRIMS)}.
-sums: additive per-micro-batch counters the step turns into metrics (masked-token accuracy, masked fraction, ...).
+        ("bucket": [B, L] int8 for TRIMS), and the noise fields of `objective.add_noise` (row, noise_key, noise_u0)}.
+sums: additive per-micro-batch counters that `sft_metrics` turns into metrics (masked-token accuracy, masked fraction).
 
 The objectives follow dLLM's trainers (spec trims_mdlm.md §3.3 MDLM, §4 BD3LM, §5 TRIMS): CE against the clean
 ids at masked positions, a per-token weight, and token / sequence / batch normalisation of one micro-batch.
@@ -19,9 +19,11 @@ from dlmjax.config import ModelConfig
 from dlmjax.model.transformer import hidden_states, lm_head, shift_logits
 from dlmjax.train import noise
 from dlmjax.train.config import ObjectiveConfig
+from dlmjax.train.objective import Objective
 
 F32 = jnp.float32
 LossFn = Callable[..., tuple]
+SFT_BATCH_KEYS = ("input_ids", "maskable", "length", "row", "noise_key", "noise_u0")
 
 
 def head_ce(cfg: ModelConfig, params, h, targets):
@@ -94,7 +96,17 @@ def _sums(ce, ok, masked, maskable, extra=None):
     return out
 
 
-def _bidirectional_forward(cfg: ModelConfig, params, tokens, length, right_shift: bool):
+def sft_metrics(sums: dict) -> dict:
+    """Masked-token accuracy, masked fraction, mean CE over masked tokens (and TRIMS' trajectory-row fraction)."""
+    out = {"masked_acc": sums["n_correct"] / jnp.maximum(sums["n_masked"], 1.0),
+           "masked_frac": sums["n_masked"] / jnp.maximum(sums["n_maskable"], 1.0),
+           "ce_masked": sums["ce_masked"] / jnp.maximum(sums["n_masked"], 1.0)}
+    if "n_traj_rows" in sums:
+        out["traj_frac"] = sums["n_traj_rows"] / jnp.maximum(sums["n_rows"], 1.0)
+    return out
+
+
+def bidirectional_forward(cfg: ModelConfig, params, tokens, length, right_shift: bool):
     """Hidden states of the noised rows: LLaDA-style (every key visible, pads too) or Dream-style (pads masked as
     keys, since dLLM's Dream collator keeps the attention mask); shifted by one for Dream's alignment."""
     b, n = tokens.shape
@@ -116,9 +128,10 @@ def _weights(oc: ObjectiveConfig, t, masked):
     return jnp.broadcast_to(noise.elbo_weight(oc.schedule, t)[:, None], masked.shape)
 
 
-def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mesh=None) -> LossFn:
-    """loss_fn(params, batch, key) for the configured objective. global_batch: rows per optimizer step (antithetic
-    time sampling stratifies over it). mesh: pins the activations' batch dim to the (data, fsdp) axes (the hidden
+def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mesh=None) -> Objective:
+    """The configured objective: loss_fn(params, batch) (noise from the batch's noise fields) and logprobs(params,
+    batch) -> [B, L] log p of the clean token at the masked positions (0 elsewhere; no gradient needed).
+    global_batch: rows per optimizer step (antithetic time sampling stratifies over it). mesh: pins the activations' batch dim to the (data, fsdp) axes (the hidden
     states [B, L, D] entering the LM head / CE), instead of leaving their layout to GSPMD propagation."""
     def constrain(h):
         if mesh is None:
@@ -144,14 +157,14 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
         raise ValueError("objective=bd3lm with right-shifted logits is not supported (dLLM's BD3LM trainer has no "
                          "shift; SDAR predicts in place)")
 
-    def times(key, rows, u):
-        u0 = jax.random.uniform(jax.random.fold_in(key, 0x7FFFFFFF), (), F32) if oc.antithetic else None
-        return noise.sample_times(u, oc.time_eps, oc.antithetic, rows, global_batch, u0)
+    def times(batch, u):
+        u0 = batch["noise_u0"][0] if oc.antithetic else None
+        return noise.sample_times(u, oc.time_eps, oc.antithetic, batch["row"], global_batch, u0)
 
-    def mdlm_like(params, batch, key):
+    def mdlm_like(params, batch):
         ids, maskable = batch["input_ids"], batch["maskable"]
-        scal, u_tok = noise.row_uniforms(key, batch["row"], ids.shape[1], 3)
-        t = times(key, batch["row"], scal[:, 0])
+        scal, u_tok = noise.uniforms_from_row_keys(batch["noise_key"], ids.shape[1], 3)
+        t = times(batch, scal[:, 0])
         extra = {}
         if oc.kind == "trims":
             masked, p, traj, _ = noise.trims_mask(
@@ -173,23 +186,22 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
             masked = noise.mdlm_mask(t, u_tok, maskable, oc.schedule)
             w = _weights(oc, t, masked)
         x_t = jnp.where(masked, cfg.mask_token_id, ids)
-        h = constrain(_bidirectional_forward(cfg, params, x_t, batch["length"], shift))
+        h = constrain(bidirectional_forward(cfg, params, x_t, batch["length"], shift))
         ce, ok = head(params, h, ids, masked)
-        nll = ce * w * masked
-        return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable, extra)
+        return ce, ok, masked, maskable, w, extra
 
-    def bd3lm(params, batch, key):
+    def bd3lm_like(params, batch):
         ids, maskable = batch["input_ids"], batch["maskable"]
         b, n = ids.shape
         if n % oc.block_size:
             raise ValueError(f"bd3lm: sequence length {n} is not a multiple of block_size={oc.block_size}")
         nb = n // oc.block_size
-        scal, u_tok = noise.row_uniforms(key, batch["row"], n, max(nb, 1))
+        scal, u_tok = noise.uniforms_from_row_keys(batch["noise_key"], n, max(nb, 1))
         if oc.block_noise == "block":
             t_blk = noise.sample_times(scal[:, :nb], oc.time_eps)  # [B, nb]
             t_tok = jnp.repeat(t_blk, oc.block_size, axis=1)  # [B, L]
         else:
-            t_tok = jnp.broadcast_to(times(key, batch["row"], scal[:, 0])[:, None], (b, n))
+            t_tok = jnp.broadcast_to(times(batch, scal[:, 0])[:, None], (b, n))
         masked = (u_tok < noise.mask_prob(oc.schedule, t_tok)) & maskable
         w = jnp.ones((b, n), F32) if oc.weight == "uniform" else noise.elbo_weight(oc.schedule, t_tok)
         x_t = jnp.where(masked, cfg.mask_token_id, ids)
@@ -198,7 +210,19 @@ def make_objective(cfg: ModelConfig, oc: ObjectiveConfig, global_batch: int, mes
         mask = jnp.asarray(noise.bd3lm_attention_mask(n, oc.block_size))[None]
         h, _ = hidden_states(cfg, params, tokens, pos, mask)
         ce, ok = head(params, constrain(h[:, :n]), ids, masked)
-        nll = ce * w * masked
-        return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable)
+        return ce, ok, masked, maskable, w, {}
 
-    return bd3lm if oc.kind == "bd3lm" else mdlm_like
+    forward = bd3lm_like if oc.kind == "bd3lm" else mdlm_like
+
+    def loss_fn(params, batch):
+        ce, ok, masked, maskable, w, extra = forward(params, batch)
+        nll = ce * w * masked
+        return normalise(nll, maskable, oc.norm), _sums(ce, ok, masked, maskable, extra)
+
+    def logprobs(params, batch):
+        ce, _, masked, _, _, _ = forward(params, batch)
+        return jnp.where(masked, -ce, 0.0)
+
+    keys = SFT_BATCH_KEYS + (("bucket",) if oc.kind == "trims" else ())
+    return Objective(name=oc.kind, loss_fn=loss_fn, batch_keys=keys, metrics=sft_metrics, reduce="mean",
+                     logprobs=logprobs)

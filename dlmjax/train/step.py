@@ -3,17 +3,21 @@
 state = {"step": int32 [], "params": trainable pytree (full params, or the LoRA adapters), "opt_state": optax state}
 frozen = the base params under LoRA (never updated, never donated), else None.
 
-The step knows nothing about the objective: `loss_fn(params, batch, key) -> (loss, sums)` (objectives.py; RL losses
-plug in the same way). Loss semantics follow HF Trainer + dLLM: the optimizer sees the mean over micro-batches of
-each micro-batch's normalised loss (spec trims_mdlm.md §3.3, "effective normalisation").
+The step knows the objective only through its contract (train/objective.py): `loss_fn(params, batch) -> (loss,
+sums)`, the batch keys it reads, `metrics(sums)` and how micro-batch losses combine (`reduce`). SFT objectives use
+HF Trainer + dLLM semantics, the mean over micro-batches of each micro-batch's normalised loss (spec trims_mdlm.md
+§3.3, "effective normalisation"); RL objectives are pre-normalised sums. Noise lives in the batch (add_noise), so the
+step is a pure function of (state, frozen, batch).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -21,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dlmjax.train import lora as lora_lib
 from dlmjax.train import mesh as mesh_lib
 from dlmjax.train.config import LoRAConfig, OptimConfig, StepConfig
+from dlmjax.train.objective import Objective, add_noise
 
 F32 = jnp.float32
 
@@ -89,27 +94,61 @@ def _microbatches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, sc: StepConfig, oc: OptimConfig, tx, combine, mesh, state_sh, frozen_sh, batch_sh):
-    """jit(step)(state, frozen, batch, key) -> (state, metrics); state donated, shardings fixed in and out."""
+def objective_batch_shardings(objective: Objective, mesh, batch: dict, batch_sh: dict | None = None) -> dict:
+    """NamedShardings of every key the objective reads: those given in `batch_sh`, the rest split over the batch axes
+    by the rank of the batch's array."""
+    given = dict(batch_sh or {})
+    return {k: given.get(k) or NamedSharding(mesh, mesh_lib.batch_spec(mesh, np.ndim(batch[k])))
+            for k in objective.batch_keys}
+
+
+def _per_batch_layout(objective: Objective, mesh, batch_sh, build):
+    """fn(*args, batch) that keeps only the objective's keys and jits `build(shardings)` once per batch layout.
+    fn.jitted(batch) gives the jitted function itself (to lower / compile ahead, as the benchmarks do)."""
+    cache = {}
+
+    def jitted(batch):
+        sh = objective_batch_shardings(objective, mesh, batch, batch_sh)
+        sig = tuple((k, str(v.spec)) for k, v in sh.items())
+        if sig not in cache:
+            cache[sig] = build(sh)
+        return cache[sig]
+
+    def fn(a, b, batch):
+        batch = {k: batch[k] for k in objective.batch_keys}
+        return jitted(batch)(a, b, batch)
+
+    fn.jitted = lambda batch: jitted({k: batch[k] for k in objective.batch_keys})
+    fn.keys = objective.batch_keys
+    return fn
+
+
+def make_train_step(objective: Objective, sc: StepConfig, oc: OptimConfig, tx, combine, mesh, state_sh, frozen_sh,
+                    batch_sh):
+    """jit(step)(state, frozen, batch) -> (state, metrics); state donated, shardings fixed in and out. The batch holds
+    objective.batch_keys (noise included; other keys are ignored); batch_sh: shardings of some of those keys (the
+    rest split over the batch axes by rank)."""
     accum = sc.grad_accum
     sched = lr_schedule(oc)
-    bspec = {k: s.spec for k, s in batch_sh.items()}
+    scale = 1.0 / accum if objective.reduce == "mean" else 1.0
+    rep = mesh_lib.replicated(mesh)
 
-    def step(state, frozen, batch, key):
-        rng = jax.random.fold_in(key, state["step"])
-        b = batch["input_ids"].shape[0]
-        batch = {**batch, "row": jnp.arange(b, dtype=jnp.int32)}
+    def build(batch_sh):
+        bspec = {k: s.spec for k, s in batch_sh.items()}
+        return jax.jit(functools.partial(step, bspec), in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+    def step(bspec, state, frozen, batch):
         micro = _microbatches(batch, accum)
 
         def loss_of(trainable, mb):
-            return loss_fn(combine(trainable, frozen), mb, rng)
+            return objective.loss_fn(combine(trainable, frozen), mb)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
         def body(carry, mb):
             g_acc, l_acc, s_acc = carry
-            mb = {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(*bspec[k])))
-                  for k, v in mb.items() if k in bspec} | {"row": mb["row"]}
+            mb = {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, P(*bspec[k]))) for k, v in mb.items()}
             (loss, sums), g = grad_fn(state["params"], mb)
             g_acc = jax.tree.map(lambda a, x: a + x.astype(F32), g_acc, g)
             s_acc = jax.tree.map(jnp.add, s_acc, sums) if s_acc is not None else sums
@@ -119,18 +158,48 @@ def make_train_step(loss_fn, sc: StepConfig, oc: OptimConfig, tx, combine, mesh,
         _, sums0 = jax.eval_shape(loss_of, state["params"], jax.tree.map(lambda x: x[0], micro))
         s0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0)
         (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros((), F32), s0), micro)
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state["params"])
-        metrics = {"loss": loss / accum, "grad_norm": optax.tree.norm(grads), "lr": sched(state["step"]),
-                   "masked_acc": sums["n_correct"] / jnp.maximum(sums["n_masked"], 1.0),
-                   "masked_frac": sums["n_masked"] / jnp.maximum(sums["n_maskable"], 1.0),
-                   "ce_masked": sums["ce_masked"] / jnp.maximum(sums["n_masked"], 1.0)}
-        if "n_traj_rows" in sums:
-            metrics["traj_frac"] = sums["n_traj_rows"] / jnp.maximum(sums["n_rows"], 1.0)
+        metrics = {"loss": loss * scale, "grad_norm": optax.tree.norm(grads), "lr": sched(state["step"]),
+                   **objective.metrics(sums)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    rep = mesh_lib.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=(0,))
+    return _per_batch_layout(objective, mesh, batch_sh, build)
+
+
+def make_token_logprobs(objective: Objective, combine, mesh, params_sh, frozen_sh, batch_sh=None):
+    """jit(fn)(trainable, frozen, batch) -> [B, T] f32 log pi of each target token (0 elsewhere): the sharded,
+    gradient-free pass an RL old-policy step records (objective.logprobs, through its memory-saving head)."""
+    if objective.logprobs is None:
+        raise ValueError(f"objective {objective.name!r} defines no logprobs")
+    out_sh = NamedSharding(mesh, mesh_lib.batch_spec(mesh, 2))
+
+    def fn(trainable, frozen, batch):
+        return jax.lax.stop_gradient(objective.logprobs(combine(trainable, frozen), batch)).astype(F32)
+
+    def build(batch_sh):
+        return jax.jit(fn, in_shardings=(params_sh, frozen_sh, batch_sh), out_shardings=out_sh)
+
+    return _per_batch_layout(objective, mesh, batch_sh, build)
+
+
+def make_add_noise(mesh):
+    """jit(add_noise)(batch, key) with every output split over the batch axes (the step's input layout)."""
+    cache = {}
+
+    def fn(batch, key):
+        sig = tuple(sorted((k, np.ndim(v)) for k, v in batch.items()))
+        if sig not in cache:
+            ranks = dict(sig) | {"row": 1, "noise_key": 2, "noise_u0": 1}
+            out = {k: NamedSharding(mesh, mesh_lib.batch_spec(mesh, r)) for k, r in ranks.items()}
+            cache[sig] = jax.jit(add_noise, out_shardings=out)
+        return cache[sig](batch, key)
+
+    return fn
+
+
+def step_noise(seed: int, step: int):
+    """The SFT loop's key for step `step`: fold_in(PRNGKey(seed), step) (what add_noise turns into batch fields)."""
+    return jax.random.fold_in(jax.random.key(seed), step)

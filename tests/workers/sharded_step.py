@@ -59,12 +59,13 @@ def run(devices, mc, oc, lc, sc, cfg, n_steps=3):
         frozen = jax.device_put(frozen, frozen_sh)
     b0 = batch(0)
     batch_sh = mesh_lib.batch_shardings(mesh, b0)
-    loss_fn = make_objective(cfg, oc, sc.global_batch, mesh)
-    fn = step_lib.make_train_step(loss_fn, sc, opt, tx, combine, mesh, state_sh, frozen_sh, batch_sh)
+    obj = make_objective(cfg, oc, sc.global_batch, mesh)
+    fn = step_lib.make_train_step(obj, sc, opt, tx, combine, mesh, state_sh, frozen_sh, batch_sh)
+    noised = step_lib.make_add_noise(mesh)
     losses = []
     for i in range(n_steps):
-        b = jax.device_put(batch(i), batch_sh)
-        state, m = fn(state, frozen, b, jax.random.key(42))
+        b = noised(jax.device_put(batch(i), batch_sh), step_lib.step_noise(42, i))
+        state, m = fn(state, frozen, b)
         losses.append(float(m["loss"]))
     specs = {k: str(v.sharding.spec) for k, v in state["params"].get("layers", {}).items()} if not lc.rank else {}
     return losses, jax.tree.map(np.asarray, state["params"]), specs
