@@ -257,13 +257,39 @@ def _from_hf(r: _Reader, family: str, **common) -> ModelConfig:
 _DEFAULT_MASK_IDS = {"dream": 151666, "sdar": 151669, "llada": 126336}
 
 
+def _json_kind(v) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(v), "null")
+
+
+def _check_key_style(raw: Mapping[str, Any], family: str, source: str):
+    """An explicit family whose key names the config does not use (LLaDA's d_model/n_layers vs the transformers
+    hidden_size/num_hidden_layers) is a wrong --family, not a missing field: say which family the config looks like."""
+    llada_keys = "d_model" in raw or "n_layers" in raw
+    hf_keys = "hidden_size" in raw or "num_hidden_layers" in raw
+    if (family == "llada") == llada_keys or llada_keys == hf_keys:
+        return  # matching style, or no style to judge by (the field checks name what is missing)
+    try:
+        guess = detect_family(raw, source)
+    except ConfigError:
+        guess = "llada" if llada_keys else "a transformers-style family (llama, qwen2, qwen3, dream, sdar)"
+    if guess == family:  # model_type agrees with --family but the keys do not: let the field checks speak
+        return
+    style = "LLaDA keys (d_model, n_layers)" if llada_keys else "transformers keys (hidden_size, num_hidden_layers)"
+    raise ConfigError(f"{source}: looks like a {guess} config (model_type={raw.get('model_type')!r}, {style}), "
+                      f"not {family}; pass --family {guess if guess in FAMILIES else 'auto'}")
+
+
 def from_hf_config(raw: Mapping[str, Any], family: str = "auto", source: str = "config.json",
                    **overrides) -> ModelConfig:
     """Build a ModelConfig from a released config.json dict. `overrides` set numerics fields (dtypes, remat)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object (key: value pairs) at the top level, "
+                          f"got a JSON {_json_kind(raw)}")
     if family == "auto":
         family = detect_family(raw, source)
     if family not in FAMILIES:
         raise ConfigError(f"{source}: unknown family {family!r} (one of {FAMILIES} or 'auto')")
+    _check_key_style(raw, family, source)
     r = _Reader(raw, source)
     mask = _token_id(r, "mask_token_id")
     if mask is None:
@@ -295,9 +321,17 @@ def load_hf_config(path: str, family: str = "auto", **overrides) -> ModelConfig:
 # Back to a released config.json (export)
 
 
+# Keys that say which class loads a config.json (transformers' own model_type / architectures, or remote code via
+# auto_map). They come from the source config when there is one: a Qwen3ForCausalLM checkpoint imported as family
+# sdar must export as model_type qwen3 + Qwen3ForCausalLM again, a released SDAR one as sdar + its auto_map.
+IDENTITY_KEYS = ("model_type", "architectures", "auto_map")
+
+
 def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None, torch_dtype: str | None = None) -> dict:
-    """A config.json in the family's own key names. `base` (the source config) keeps keys we do not model."""
+    """A config.json in the family's own key names. `base` (the source config) keeps keys we do not model, and its
+    IDENTITY_KEYS win over the family defaults, so the export loads through the same class as the source did."""
     out = dict(base or {})
+    identity = {k: out[k] for k in IDENTITY_KEYS if out.get(k) is not None}
     ids = {k: getattr(cfg, k) for k in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")}
     if cfg.family == "llada":
         out.update({
@@ -337,4 +371,5 @@ def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None, torch_
     if torch_dtype is not None:
         key = "torch_dtype" if "torch_dtype" in out else "dtype"
         out[key] = torch_dtype
+    out.update(identity)
     return out

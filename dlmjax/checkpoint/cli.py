@@ -1,8 +1,14 @@
-"""Conversion CLI: `python -m convert {import,export,inspect} ...` (also installed as `dlmjax-convert`)."""
+"""Conversion CLI: `python -m convert {import,export,inspect} ...` (also installed as `dlmjax-convert`).
+
+Both names run this module's `main`; the `convert` package is installed with dlmjax, so `python -m convert` works
+from any directory. Every failure (bad flag, bad input, unwritable or full destination) is one line `error: ...`
+on stderr with exit status 2, and nothing is left at --dst; the help is printed only for --help.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dlmjax.config import FAMILIES, ConfigError
@@ -15,9 +21,34 @@ _EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (`error: <prog>: <message> (see <prog> --help)`), exit status 2,
+    instead of the usage block; subcommand parsers inherit it."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _shard_size(s: str) -> str:
+    """--max-shard-size checked while parsing, so a bad value is named as the flag before any work."""
+    from dlmjax.checkpoint.st_io import CheckpointError
+    from dlmjax.checkpoint.convert import parse_size
+
+    try:
+        parse_size(s)
+    except CheckpointError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive size (e.g. 5GB, 500MB, 2GiB or a byte count)")
+    return s
+
+
+def _prog() -> str:
+    return "dlmjax-convert" if os.path.basename(sys.argv[0] or "") == "dlmjax-convert" else "python -m convert"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__, epilog=_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=_prog(), description=__doc__, epilog=_EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{import,export,inspect}")
 
     imp = sub.add_parser("import", help="HF checkpoint (or .gguf) -> dlmjax checkpoint",
@@ -43,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dst", required=True, help="output HF directory (must not exist unless --overwrite)")
     exp.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="dtype of the written tensors; auto keeps the checkpoint's dtype. Default: auto")
-    exp.add_argument("--max-shard-size", default="5GB",
+    exp.add_argument("--max-shard-size", default="5GB", type=_shard_size,
                      help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB; above it the export is sharded with "
                           "model.safetensors.index.json. Default: 5GB")
     exp.add_argument("--overwrite", action="store_true", help="replace --dst if it exists (atomically)")
@@ -71,6 +102,14 @@ def main(argv=None) -> int:
             print(inspect(args.path))
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # at write time (disk full, device gone): atomic_dir already removed the partial output
+        dst = getattr(args, "dst", None)
+        what = f" ({e.filename})" if e.filename else ""
+        if dst:
+            print(f"error: {dst}: cannot write{what}: {e.strerror or e}; nothing was left at {dst}", file=sys.stderr)
+        else:
+            print(f"error: {e.filename or args.path}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
