@@ -227,7 +227,7 @@ def run_jax(args, work: str):
 
     from bench.common import block
     from dlmjax.checkpoint import load_checkpoint
-    from dlmjax.train import mesh as mesh_lib
+    from dlmjax import sharding as mesh_lib
     from dlmjax.train import step as step_lib
     from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
     from dlmjax.train.objectives import make_objective

@@ -1,6 +1,6 @@
 """The demo (README's first command): build a small dLLM from scratch, SFT it with MDLM on synthetic addition,
 checkpoint it, then decode held-out problems with low-confidence, dynamic-threshold and tau-budget rules and print
-accuracy, TPF and expected wrong commits side by side (plus an SVG plot of accuracy vs TPF).
+accuracy, TPF and expected wrong commits side by side (plus a matplotlib plot of accuracy vs TPF, PNG and SVG).
 
 Everything is a function of the seed: the problems, the init, the noise, the decoding.
 """
@@ -16,7 +16,7 @@ from dlmjax.config import ModelConfig
 from dlmjax.data import addition
 from dlmjax.data.pipeline import SFTDataConfig
 from dlmjax.decode.llada import LLaDADecodeConfig
-from dlmjax.evaluate import EvalRun, evaluate, format_table, plot_svg
+from dlmjax.evaluate import EvalRun, evaluate, format_table, plot_accuracy_vs_tpf
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
 
@@ -100,11 +100,11 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     rows = evaluate(summ["final"], test_path, decoders(dc), os.path.join(dc.workdir, "eval"), scorer="addition",
                     batch_size=64, seed=dc.seed)
     table = format_table(rows)
-    plot = os.path.join(dc.workdir, "accuracy_vs_tpf.svg")
-    plot_svg(rows, plot, f"demo: {dc.max_digits}-digit addition, {dc.steps} MDLM steps")
+    plot = os.path.join(dc.workdir, "accuracy_vs_tpf")
+    plot_accuracy_vs_tpf(rows, plot, f"demo: {dc.max_digits}-digit addition, {dc.steps} MDLM steps")
     log("\n" + table)
     log(f"demo: trained in {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; checkpoint {summ['final']}; "
-        f"plot {plot}")
+        f"plot {plot}.png")
     with open(os.path.join(dc.workdir, "results.json"), "w") as f:
         json.dump({"rows": rows, "final_loss": summ["history"][-1]["loss"], "train_seconds": t_train}, f, indent=2)
     return {"rows": rows, "summary": summ, "table": table}

@@ -13,21 +13,7 @@ import os
 from dlmjax.decode.job import DecodeJobConfig, PromptError
 from dlmjax.decode.job import run as run_decode
 
-SCORERS = ("addition", "exact", "math")
-
-
-def _scorer(name: str):
-    if name == "addition":
-        from dlmjax.data.addition import score
-
-        return score
-    if name == "exact":
-        return lambda text, answer: text.strip() == answer.strip()
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        raise ValueError("--scorer=math needs the math-verify package (pip install math-verify)") from None
-    return lambda text, answer: bool(verify(parse(answer), parse(text)))
+from dlmjax.rewards import SCORERS, get_scorer  # noqa: F401  (SCORERS: the eval job's --scorer choices)
 
 
 def read_answers(path: str) -> list[str]:
@@ -57,7 +43,7 @@ class EvalRun:
 def evaluate(ckpt: str, data: str, runs: list[EvalRun], out_dir: str, scorer: str = "exact", batch_size: int = 16,
              seed: int = 0, dtype: str = "float32", layer_loop: str = "auto", log=print) -> list[dict]:
     """One row per run: accuracy, mean TPF, mean expected wrong commits, tokens/s."""
-    score = _scorer(scorer)
+    score = get_scorer(scorer)
     answers = read_answers(data)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
@@ -84,35 +70,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_svg(rows: list[dict], path: str, title: str = "accuracy vs tokens per forward"):
-    """A dependency-free scatter plot (SVG) of accuracy against TPF, one labelled point per decoder."""
-    w, h, pad = 480, 320, 50
-    xs = [r["mean_tpf"] for r in rows]
-    x_lo, x_hi = 0.0, max(max(xs) * 1.15, 1.5)
-    def px(x):
-        return pad + (x - x_lo) / (x_hi - x_lo) * (w - 2 * pad)
-    def py(y):
-        return h - pad - y * (h - 2 * pad)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="12">', f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-             f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">tokens per forward (TPF)</text>',
-             f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">accuracy</text>']
-    for i in range(6):
-        y = i / 5
-        parts.append(f'<text x="{pad - 6}" y="{py(y) + 4}" text-anchor="end">{y:.1f}</text>')
-        parts.append(f'<line x1="{pad}" y1="{py(y)}" x2="{w - pad}" y2="{py(y)}" stroke="#ddd"/>')
-    for i in range(5):
-        x = x_lo + i * (x_hi - x_lo) / 4
-        parts.append(f'<text x="{px(x)}" y="{h - pad + 16}" text-anchor="middle">{x:.1f}</text>')
+def plot_accuracy_vs_tpf(rows: list[dict], stem: str, title: str = "accuracy vs tokens per forward") -> list[str]:
+    """matplotlib scatter of accuracy against TPF, one labelled point per decoder, written as <stem>.png and
+    <stem>.svg (each to a temporary name, then renamed). Returns the two paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for r in rows:
-        x, y = px(r["mean_tpf"]), py(r["accuracy"])
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="#1f77b4"/>')
-        parts.append(f'<text x="{x + 8:.1f}" y="{y - 8:.1f}">{r["decoder"]}</text>')
-    parts.append("</svg>")
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
+        ax.scatter(r["mean_tpf"], r["accuracy"], s=36)
+        ax.annotate(r["decoder"], (r["mean_tpf"], r["accuracy"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlim(0.0, max(max(r["mean_tpf"] for r in rows) * 1.2, 1.5))
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = []
+    for ext in ("png", "svg"):
+        path = f"{stem}.{ext}"
+        tmp = f"{stem}.partial.{ext}"
+        fig.savefig(tmp, format=ext)
+        os.replace(tmp, path)
+        out.append(path)
+    plt.close(fig)
+    return out

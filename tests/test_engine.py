@@ -9,7 +9,7 @@ import pytest
 
 from dlmjax import model as M
 from dlmjax.model.transformer import init_params
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.loop import LoopConfig, TrainJob, run_loop

@@ -14,7 +14,7 @@ import pytest
 
 from dlmjax.model.transformer import init_params
 from dlmjax.train import lora as lora_lib
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.objective import add_noise

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from dlmjax.sharding import MeshConfig  # noqa: F401  (re-exported: the mesh is configured with the run)
+
 OBJECTIVES = ("mdlm", "bd3lm", "trims")
 
 
@@ -105,30 +107,6 @@ class LoRAConfig:
         bad = [t for t in self.targets if t not in allowed]
         _check(not bad, f"lora_targets {bad} are not among {sorted(allowed)}")
         _check(len(self.targets) > 0 or self.rank == 0, "lora_targets is empty")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh axes (data, fsdp, tensor); -1 on one axis takes the remaining devices."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
-        dims = [self.data, self.fsdp, self.tensor]
-        free = [i for i, d in enumerate(dims) if d == -1]
-        _check(len(free) <= 1, "at most one of mesh_data / mesh_fsdp / mesh_tensor may be -1")
-        _check(all(d == -1 or d > 0 for d in dims), f"mesh axes {dims} must be positive or -1")
-        fixed = 1
-        for d in dims:
-            fixed *= 1 if d == -1 else d
-        if free:
-            _check(n_devices % fixed == 0, f"{n_devices} devices do not split into mesh axes {dims}")
-            dims[free[0]] = n_devices // fixed
-        _check(dims[0] * dims[1] * dims[2] == n_devices,
-               f"mesh {dims} (data x fsdp x tensor) needs {dims[0] * dims[1] * dims[2]} devices, have {n_devices}")
-        return tuple(dims)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,8 +93,9 @@ flags.DEFINE_enum("bucket_order", "descending", ("descending", "ascending", "ran
 flags.DEFINE_enum("difficulty", "nll", ("nll", "entropy"), "trims_score: teacher difficulty metric.")
 flags.DEFINE_integer("teacher_max_length", 4096, "trims_score: cap of the teacher's input length.", lower_bound=8)
 # --- eval -----------------------------------------------------------------------------------------------------------
-flags.DEFINE_enum("scorer", "exact", ("addition", "exact", "math"), "eval: how a completion is checked against the "
-                  "answer (math uses the math-verify package).")
+flags.DEFINE_enum("scorer", "exact", ("addition", "exact", "math", "boxed"), "eval: how a completion is checked "
+                  "against the answer (math: math-verify on the whole completion; boxed: the RL math reward, the "
+                  "last \\boxed{} vs the answer).")
 flags.DEFINE_list("rules", None, "eval: comma list of commit rules of --decoder, one table row each "
                                  "(default: --rule).")
 
@@ -260,7 +261,7 @@ def run_eval_job(decode_configs) -> int:
     import dataclasses
     import os
 
-    from dlmjax.evaluate import EvalRun, evaluate, format_table, plot_svg
+    from dlmjax.evaluate import EvalRun, evaluate, format_table, plot_accuracy_vs_tpf
 
     for name in ("ckpt", "data", "workdir"):
         if not F[name].value:
@@ -277,5 +278,5 @@ def run_eval_job(decode_configs) -> int:
     print(table)
     with open(os.path.join(F.workdir, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot_svg(rows, os.path.join(F.workdir, "accuracy_vs_tpf.svg"))
+    plot_accuracy_vs_tpf(rows, os.path.join(F.workdir, "accuracy_vs_tpf"))
     return 0

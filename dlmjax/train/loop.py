@@ -23,7 +23,7 @@ import numpy as np
 from dlmjax.checkpoint import train_state as ckpt_lib
 from dlmjax.checkpoint.convert import save_checkpoint
 from dlmjax.config import ModelConfig
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, OptimConfig, StepConfig
 from dlmjax.train.objective import Objective

@@ -18,7 +18,7 @@ from dlmjax.config import ModelConfig
 from dlmjax.data.pipeline import SFTDataConfig, build_examples, make_iterator
 from dlmjax.data.sft import DataError, sft_special_ids
 from dlmjax.model.transformer import init_params
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.loop import LoopConfig, TrainJob, checkpoint_writer, run_loop

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dlmjax.train import lora as lora_lib
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train.config import LoRAConfig, OptimConfig, StepConfig
 from dlmjax.train.objective import Objective, add_noise
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from dlmjax.config import ModelConfig
 from dlmjax.model.transformer import init_params
-from dlmjax.train import mesh as mesh_lib
+from dlmjax import sharding as mesh_lib
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
 from dlmjax.train.objectives import make_objective

@@ -8,12 +8,43 @@ dropped for that dim (replicated) instead of failing, so tiny test models run on
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dlmjax.train.config import MeshConfig
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes (data, fsdp, tensor); -1 on one axis takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        dims = [self.data, self.fsdp, self.tensor]
+        free = [i for i, d in enumerate(dims) if d == -1]
+        _check(len(free) <= 1, "at most one of mesh_data / mesh_fsdp / mesh_tensor may be -1")
+        _check(all(d == -1 or d > 0 for d in dims), f"mesh axes {dims} must be positive or -1")
+        fixed = 1
+        for d in dims:
+            fixed *= 1 if d == -1 else d
+        if free:
+            _check(n_devices % fixed == 0, f"{n_devices} devices do not split into mesh axes {dims}")
+            dims[free[0]] = n_devices // fixed
+        _check(dims[0] * dims[1] * dims[2] == n_devices,
+               f"mesh {dims} (data x fsdp x tensor) needs {dims[0] * dims[1] * dims[2]} devices, have {n_devices}")
+        return tuple(dims)
+
+
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
