@@ -41,8 +41,9 @@ def check_sampling_fields(dc, bad) -> None:
     """The checks every Dream config shares: eps, temperature, top_p, top_k and conf_dtype (bad(why) raises)."""
     if not 0.0 < dc.eps < 1.0:
         bad(f"eps={dc.eps} must lie in (0, 1)")
-    if dc.temperature < 0:
-        bad(f"temperature={dc.temperature} must be >= 0")
+    if not dc.temperature >= 0:  # also rejects NaN; 0 = greedy (Dream's own convention)
+        bad(f"temperature={dc.temperature} must be >= 0 (0 = greedy)")
+    rules.check_tau(dc.tau, bad)
     if dc.top_p is not None and not 0.0 < dc.top_p <= 1.0:
         bad(f"top_p={dc.top_p} must lie in (0, 1]")
     if dc.top_k is not None and dc.top_k < 1:

@@ -64,6 +64,14 @@ class LLaDADecodeConfig:
                              f"block_length={self.block_length}")
         if self.cfg_scale < 0:
             raise ValueError(f"LLaDADecodeConfig.cfg_scale: {self.cfg_scale} must be >= 0")
+        def bad(why):
+            raise ValueError(f"LLaDADecodeConfig.{why}")
+
+        if not self.temperature >= 0:  # also rejects NaN; 0 = greedy (LLaDA's own convention)
+            bad(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        rules.check_tau(self.tau, bad)
+        if self.conf_dtype not in ("", "float32", "float64", "bfloat16", "float16"):
+            bad(f"conf_dtype={self.conf_dtype!r} is not '' (the rule's default) or a float dtype")
         if self.cfg_scale > 0 and self.cache != "none":
             raise ValueError("LLaDADecodeConfig: cfg_scale > 0 needs cache=none (LLaDA's guidance runs full "
                              "forwards; Fast-dLLM's caches do not combine with it)")

@@ -125,6 +125,13 @@ def commit_top_n(conf, masked, n, *, masked_only: bool = True) -> jax.Array:
     return sel & masked if masked_only else sel
 
 
+def check_tau(tau, bad) -> None:
+    """Every threshold rule compares a probability with tau: it must be a number in [0, 1] (NaN would make every
+    comparison false and silently fall back to the progress floor). bad(why) raises."""
+    if not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:  # NaN fails both comparisons
+        bad(f"tau={tau} must lie in [0, 1]")
+
+
 def commit_dynamic_threshold(conf, masked, n, tau, *, masked_only: bool = True) -> jax.Array:
     """TraceRL/jetengine low_confidence_dynamic: all masked slots with c > τ (strict, in conf's dtype); when fewer
     than n pass, the top-n by confidence (a superset of them)."""

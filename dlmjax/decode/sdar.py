@@ -24,6 +24,7 @@ from dlmjax import model as M
 from dlmjax.config import ModelConfig
 from dlmjax.decode import rules, sampling, stats
 
+CONF_DTYPES = ("float32", "bfloat16", "float16", "float64")
 RULES = ("static", "dynamic", "tau_budget", "sequential", "contiguous_dynamic", "nlc_bounded_dynamic", "gc_dynamic",
          "entropy_bounded")
 
@@ -41,21 +42,35 @@ class BlockDecodeConfig:
     budget_m: float = 1.0  # tau_budget: b = m (1 - tau); m <= 0 means m = the static count
     nlc_budget: float = 1.0  # nlc_bounded_dynamic: budget of cumulative -log p
     eb_threshold: float = 0.35  # entropy_bounded: budget of cumulative entropy (SDAR generate.py CLI default)
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy (as every LLM tool reads T = 0); < 0 is an error
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    greedy: bool = False  # argmax candidates, confidence = untempered softmax prob (spec A6)
+    greedy: bool = False  # argmax candidates, confidence = untempered softmax prob (spec A6); set by temperature 0
     conf_dtype: str = "float32"  # dtype of probabilities and threshold comparisons (jetengine: float32; N5)
     stop_ids: tuple = ()  # a block containing one of these ends the row (kept, then truncated after it)
     forbid_mask_token: bool = False  # the reference may sample the mask token itself; True forbids it
 
     def __post_init__(self):
+        def bad(why):
+            raise ValueError(f"BlockDecodeConfig.{why}")
+
         if self.rule not in RULES:
-            raise ValueError(f"BlockDecodeConfig.rule: {self.rule!r} is not one of {RULES}")
+            bad(f"rule: {self.rule!r} is not one of {RULES}")
         if not (0 < self.steps <= self.block_size):
-            raise ValueError(f"BlockDecodeConfig.steps: need 0 < steps <= block_size, got {self.steps}")
+            bad(f"steps: need 0 < steps <= block_size, got {self.steps}")
         if self.max_new_tokens <= 0:
-            raise ValueError("BlockDecodeConfig.max_new_tokens must be positive")
+            bad("max_new_tokens must be positive")
+        rules.check_tau(self.tau, bad)
+        if not self.temperature >= 0:  # also rejects NaN
+            bad(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p={self.top_p} must lie in (0, 1]")
+        if self.top_k < 0:
+            bad(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if self.conf_dtype not in CONF_DTYPES:
+            bad(f"conf_dtype={self.conf_dtype!r} is not one of {CONF_DTYPES}")
+        if self.temperature == 0 and not self.greedy:
+            object.__setattr__(self, "greedy", True)  # T = 0 means greedy: argmax candidates
 
     def schedule(self) -> np.ndarray:
         k, s = self.block_size, self.steps
