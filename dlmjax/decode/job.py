@@ -1,4 +1,5 @@
-"""The decode job: a JSONL of prompts -> batched jitted decoding -> a JSONL of completions with step maps and stats.
+"""The decode job: a JSONL of prompts -> batched jitted decoding (`decode.api.generate`, data-parallel over the local
+devices when there are several) -> a JSONL of completions with step maps and stats.
 
 Input lines: {"prompt": text} (through the checkpoint's tokenizer and chat template) or {"prompt_ids": [ints]}.
 Every line is parsed and validated before any decoding starts; an error names the file and the line. Results are
@@ -18,11 +19,9 @@ import numpy as np
 
 from dlmjax import model as M
 from dlmjax.checkpoint import load_checkpoint
-from dlmjax.decode.dream import DreamDecodeConfig, diffusion_generate
-from dlmjax.decode.dream_cache import DreamCacheDecodeConfig, block_generate_cached
-from dlmjax.decode.llada import LLaDADecodeConfig
-from dlmjax.decode.llada import generate as llada_generate
-from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
+from dlmjax.decode import api
+from dlmjax.decode.api import decoder_config  # noqa: F401  (public here: the launcher builds configs through it)
+from dlmjax.decode.sdar import BlockDecodeConfig
 
 DECODERS = ("sdar", "llada", "dream")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
@@ -115,6 +114,17 @@ def _load_tokenizer(ckpt: str):
     return AutoTokenizer.from_pretrained(ckpt)
 
 
+def _data_mesh(batch_size: int):
+    """A data-parallel mesh over every local device when there are several and they split the batch; else None
+    (one device). Single-process only: the job feeds host arrays."""
+    n = jax.device_count()
+    if n == 1 or jax.process_count() > 1 or batch_size % n:
+        return None
+    from dlmjax import sharding
+
+    return sharding.make_mesh(sharding.MeshConfig())
+
+
 def _pack(batch: list[list[int]], width: int, pad: int, left: bool):
     arr = np.full((len(batch), width), pad, np.int32)
     valid = np.zeros((len(batch), width), bool)
@@ -136,12 +146,15 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
     if cfg.mask_token_id is None:
         raise ValueError(f"{job.ckpt}: config has no mask_token_id; the {job.decoder} decoder needs a dLLM "
                          f"checkpoint (family {cfg.family})")
-    if job.decoder == "sdar" and not decode_cfg.stop_ids and cfg.eos_token_id is not None:
+    if api.decoder_name(decode_cfg) != job.decoder:
+        raise ValueError(f"--decoder={job.decoder} but the decoder config is a {type(decode_cfg).__name__}")
+    if isinstance(decode_cfg, BlockDecodeConfig) and not decode_cfg.stop_ids and cfg.eos_token_id is not None:
         decode_cfg = dataclasses.replace(decode_cfg, stop_ids=(cfg.eos_token_id,))  # default: stop at EOS
     tok = _load_tokenizer(job.ckpt)
     prompts = read_prompts(job.prompts, tok, job.chat_template, cfg.vocab_size)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id or 0
     key = jax.random.key(job.seed)
+    mesh = _data_mesh(job.batch_size)
     partial = job.out + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
     totals = dict(tokens=0, forwards=0, tpf=[], ewc=[], seconds=0.0)
@@ -152,34 +165,25 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
             ids += [ids[0]] * (job.batch_size - len(ids))  # static batch: pad with copies, dropped below
             width = -(-max(map(len, ids)) // job.length_bucket) * job.length_bucket
             t0 = time.perf_counter()
-            if job.decoder == "sdar":
-                arr, _ = _pack(ids, width, pad, left=False)
-                res = block_generate(cfg, decode_cfg, params, arr, np.array([len(i) for i in ids], np.int32),
-                                     jax.random.fold_in(key, b0))
-                fwd = np.asarray(res["n_denoise"]) + np.asarray(res["n_save"])
-            else:
-                arr, valid = _pack(ids, width, pad, left=True)
-                gen = (llada_generate if job.decoder == "llada" else
-                       block_generate_cached if isinstance(decode_cfg, DreamCacheDecodeConfig) else diffusion_generate)
-                res = gen(cfg, decode_cfg, params, arr, valid, jax.random.fold_in(key, b0))
-                fwd = np.broadcast_to(np.asarray(res["n_forward"]), (len(ids),))
+            arr, _ = _pack(ids, width, pad, left=True)
+            res = api.generate(decode_cfg, cfg, params, arr, np.array([len(i) for i in ids], np.int32),
+                               jax.random.fold_in(key, b0), mesh=mesh)
             res = jax.device_get(res)
             dt = time.perf_counter() - t0
-            lengths = res["lengths"] if "lengths" in res else np.full(len(ids), res["tokens"].shape[1])
             for i, (text, pid) in enumerate(chunk):
-                n = int(lengths[i])
-                toks = res["tokens"][i, :n].tolist()
+                n = int(res.lengths[i])
+                toks = res.tokens[i, :n].tolist()
                 rec = {"index": b0 + i, "prompt": text, "prompt_ids": pid, "ids": toks,
                        "text": tok.decode(toks, skip_special_tokens=True) if tok is not None else None,
-                       "step_map": res["step_map"][i, :n].tolist(), "tpf": float(res["tpf"][i]),
-                       "expected_wrong_commits": float(res["ewc"][i]), "forwards": int(fwd[i])}
-                if "n_full" in res:  # Fast-dLLM Dream block + cache: the block-start full forwards among `forwards`
-                    rec.update(full_forwards=int(res["n_full"][i]))
-                if "n_denoise" in res:
-                    rec.update(denoise_forwards=int(res["n_denoise"][i]), cache_forwards=int(res["n_save"][i]))
+                       "step_map": res.step_map[i, :n].tolist(), "tpf": float(res.tpf[i]),
+                       "expected_wrong_commits": float(res.ewc_sum[i]), "forwards": int(res.n_forwards[i])}
+                if res.n_full is not None:  # Fast-dLLM Dream block + cache: block-start full forwards among `forwards`
+                    rec.update(full_forwards=int(res.n_full[i]))
+                if res.n_save is not None:  # SDAR: denoising + cache-saving forwards
+                    rec.update(denoise_forwards=int(res.n_steps[i]), cache_forwards=int(res.n_save[i]))
                 f.write(json.dumps(rec) + "\n")
                 totals["tokens"] += n
-                totals["forwards"] += int(fwd[i])
+                totals["forwards"] += int(res.n_forwards[i])
                 totals["tpf"].append(rec["tpf"])
                 totals["ewc"].append(rec["expected_wrong_commits"])
             f.flush()
@@ -196,12 +200,3 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
                                       for k, v in summary.items()))
     return summary
 
-
-def decoder_config(decoder: str, **kw):
-    """Frozen decoder config from flag values (bad values / combinations raise ValueError naming the field).
-    dream with cache=prefix|dual: Fast-dLLM v1 block + cache decoding (DreamCacheDecodeConfig)."""
-    if decoder == "dream" and kw.get("cache", "none") != "none":
-        return DreamCacheDecodeConfig(**kw)
-    if decoder == "dream":
-        kw.pop("cache", None)
-    return {"sdar": BlockDecodeConfig, "llada": LLaDADecodeConfig, "dream": DreamDecodeConfig}[decoder](**kw)

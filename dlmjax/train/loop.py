@@ -61,6 +61,7 @@ class LoopContext:
     state_sh: dict
     frozen_sh: object
     seed: int
+    tx: object  # the optax optimizer (a job may re-initialise its state, as RL's per-outer-step reset does)
 
 
 @dataclasses.dataclass
@@ -144,7 +145,7 @@ def run_loop(loop: LoopConfig, model_cfg: ModelConfig, params, job: TrainJob, op
 
     step_fn = step_lib.make_train_step(job.objective, sc, opt, tx, combine, mesh, state_sh, frozen_sh, None)
     ctx = LoopContext(mesh=mesh, step_fn=step_fn, combine=combine, state_sh=state_sh, frozen_sh=frozen_sh,
-                      seed=sc.seed)
+                      seed=sc.seed, tx=tx)
     writer = _writer(loop)
     preempted, restore_signal = _install_sigterm()
     history, pending = [], []

@@ -1,0 +1,220 @@
+"""The RL job: SLIM-RL, TraceRL and random masking as one outer loop on the training loop (train/loop.py).
+
+One loop iteration = one outer step (spec §1.1, §2.1):
+  prompts (a seeded, checkpointed stream) -> G rollouts each through `decode.api.generate` on the policy's current
+  weights (no copy) -> rewards -> group advantages and filter -> training rows (rl/batch.py: SLIM quadrature rows,
+  TraceRL slices or random masks) -> the old-policy pass (log pi_old of every row, once) -> one optimizer step per
+  minibatch of rows, in order (1 epoch).
+Everything random derives from (seed, outer step): rollouts from fold_in(fold_in(key(seed), step), 1), rows from
+np.random.default_rng([seed, step]); the prompt stream and the host counters live in the checkpoint, so rerunning
+the same command resumes the same run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlmjax import sharding as mesh_lib
+from dlmjax.config import ModelConfig
+from dlmjax.decode import api as decode_api
+from dlmjax.decode.sdar import BlockDecodeConfig
+from dlmjax.rewards.registry import RewardConfig, make_reward
+from dlmjax.rl import advantages as adv_lib
+from dlmjax.rl.batch import build_rows, make_batch, split_minibatches
+from dlmjax.rl.config import RLObjectiveConfig
+from dlmjax.rl.layout import pack_rollouts
+from dlmjax.rl.objectives import make_rl_objective
+from dlmjax.train import step as step_lib
+from dlmjax.train.config import LoRAConfig, MeshConfig, OptimConfig, StepConfig
+from dlmjax.train.loop import LoopConfig, TrainJob, run_loop
+
+ROLLOUT_SALT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRunConfig:
+    """Everything one RL run is (the step's global_batch = rows per optimizer step)."""
+
+    loop: LoopConfig
+    objective: RLObjectiveConfig
+    rollout: BlockDecodeConfig
+    reward: RewardConfig
+    optim: OptimConfig
+    step: StepConfig
+    mesh: MeshConfig = MeshConfig()
+    lora: LoRAConfig = LoRAConfig()
+    prompts_per_step: int = 128  # spec §1.2 num_task_per_step
+    group_size: int = 8  # G rollouts per prompt
+    max_prompt_len: int = 784  # longer prompts are dropped (the same for every method)
+    reset_optimizer: bool = False  # the references restart their trainer each outer step (AdamW + LR reset)
+
+    def __post_init__(self):
+        def bad(why):
+            raise ValueError(f"RLRunConfig: {why}")
+
+        if self.prompts_per_step < 1 or self.group_size < 1:
+            bad("prompts_per_step and group_size must be >= 1")
+        if self.rollout.block_size != self.objective.block_size:
+            bad(f"the rollout block size {self.rollout.block_size} must equal the training block size "
+                f"{self.objective.block_size} (spec §1.7)")
+        if self.optim.total_steps < 1:
+            bad("optim.total_steps must be >= 1")
+
+
+class PromptStream:
+    """The prompt order (a shuffled, repeating grain stream of example indices, `per_step` at a time) plus the host
+    counters that must survive a resume (cumulative rows and rollouts). Checkpointed by orbax through grain's
+    handler: get_state() / set_state() of JSON bytes."""
+
+    def __init__(self, n: int, per_step: int, seed: int):
+        if n < 1:
+            raise ValueError("no prompts")
+        ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(per_step)
+        self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+        self.counters = {"rows": 0, "rollouts": 0}
+
+    def __next__(self) -> np.ndarray:
+        return np.asarray(next(self._it))
+
+    def get_state(self) -> bytes:
+        return json.dumps({"stream": self._it.get_state(), "counters": self.counters}).encode()
+
+    def set_state(self, state: bytes):
+        d = json.loads(state)
+        self._it.set_state(d["stream"])
+        self.counters = dict(d["counters"])
+
+    def start_prefetch(self):
+        pass
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, P] left-padded ids and [B] lengths (decode.api's prompt convention)."""
+    p = max(len(x) for x in prompts)
+    out = np.full((len(prompts), p), pad_id, np.int32)
+    for i, x in enumerate(prompts):
+        out[i, p - len(x):] = x
+    return out, np.asarray([len(x) for x in prompts], np.int32)
+
+
+def _rollout_stats(ro, n_steps) -> dict:
+    """TPF (mean over responses), EWC per denoising step pooled over (rollout, step) pairs (§7), mean length."""
+    steps = np.maximum(n_steps.sum(), 1)
+    return {"tpf": float(np.mean(np.asarray(ro.tpf))), "ewc_per_step": float(np.asarray(ro.ewc_per_step).sum() / steps),
+            "response_len": float(np.mean(np.asarray(ro.lengths)))}
+
+
+def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], detokenize: Callable, pad_id: int,
+                log=print, reward_fn: Callable | None = None) -> tuple[TrainJob, Callable]:
+    """(the TrainJob, close). samples: [{"prompt_ids": [...], "answer"/"task": ...}], already filtered to
+    max_prompt_len. detokenize(ids) -> text for the reward. reward_fn: your own batch reward
+    (completions, samples, n_tokens) -> (rewards [B], n_failed) instead of run.reward's. close() stops workers."""
+    rc, dc = run.objective, run.rollout
+    if model_cfg.mask_token_id is None:
+        raise ValueError("RL needs a diffusion checkpoint with a mask_token_id")
+    stream = PromptStream(len(samples), run.prompts_per_step, run.step.seed)
+    score, close = (reward_fn, lambda: None) if reward_fn else make_reward(run.reward, dc.max_new_tokens)
+    mesh = mesh_lib.make_mesh(run.mesh)
+    objective = make_rl_objective(model_cfg, rc, mesh)
+    minibatch = run.step.global_batch
+    cache = {}
+
+    def logprob_fn(ctx):
+        if "lp" not in cache:
+            cache["lp"] = step_lib.make_token_logprobs(objective, ctx.combine, ctx.mesh, ctx.state_sh["params"],
+                                                       ctx.frozen_sh)
+        return cache["lp"]
+
+    def reset(ctx, state):
+        if "reset" not in cache:
+            cache["reset"] = jax.jit(lambda s: {"step": jnp.zeros_like(s["step"]), "params": s["params"],
+                                                "opt_state": ctx.tx.init(s["params"])},
+                                     in_shardings=(ctx.state_sh,), out_shardings=ctx.state_sh, donate_argnums=(0,))
+        return cache["reset"](state)
+
+    def advance(ctx, state, frozen, step):
+        t0 = time.perf_counter()
+        idx = next(stream)
+        group = [samples[int(i)] for i in idx for _ in range(run.group_size)]  # G adjacent copies per prompt
+        prompts, lens = left_pad([s["prompt_ids"] for s in group], pad_id)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.step.seed), step), ROLLOUT_SALT)
+        params = ctx.combine(state["params"], frozen)
+        ro = decode_api.generate(dc, model_cfg, params, jnp.asarray(prompts), jnp.asarray(lens), key, mesh=ctx.mesh)
+        tokens, lengths = np.asarray(ro.tokens), np.asarray(ro.lengths)
+        step_map, n_steps = np.asarray(ro.step_map), np.asarray(ro.n_steps)
+        t1 = time.perf_counter()
+        responses = [tokens[i, :lengths[i]] for i in range(len(group))]
+        rewards, failed = score([detokenize(r) for r in responses], group, [int(n) for n in lengths])
+        t2 = time.perf_counter()
+        r = rewards.reshape(len(idx), run.group_size)
+        adv = adv_lib.group_advantages(r, rc.advantage_method)
+        keep = adv_lib.group_filter(r, adv, rc.group_filter, rc.filter_low, rc.filter_high)
+        kept = np.repeat(keep, run.group_size)
+        metrics = {"reward": float(rewards.mean()), "accuracy": float((rewards > 0).mean()),
+                   "reward_failures": float(failed), "groups_kept": float(keep.sum()),
+                   **_rollout_stats(ro, n_steps)}
+        rows_now = 0
+        t3 = t4 = t2
+        if kept.any():
+            sel = np.flatnonzero(kept)
+            packed = pack_rollouts([group[i]["prompt_ids"] for i in sel], [responses[i] for i in sel], pad_id,
+                                   step_maps=[step_map[i, :lengths[i]] for i in sel],
+                                   max_gen_length=dc.max_new_tokens)
+            rows = build_rows(rc, packed, model_cfg.mask_token_id, np.random.default_rng([run.step.seed, step]))
+            rows_now = len(rows)
+        if rows_now:
+            batch = make_batch(packed, rows, adv.reshape(-1)[sel], minibatch)
+            minis = split_minibatches(batch, minibatch)
+            lp_fn = logprob_fn(ctx)
+            placed = []
+            for mb in minis:  # the old-policy pass: log pi_old of every row, before any update
+                g = mesh_lib.global_batch(ctx.mesh, mb)
+                placed.append({**g, "logp_old": lp_fn(state["params"], frozen, g)})
+            jax.block_until_ready(placed[-1]["logp_old"])
+            t3 = time.perf_counter()
+            if run.reset_optimizer:
+                state = reset(ctx, state)
+            sums = []
+            for mb in placed:
+                state, m = ctx.step_fn(state, frozen, mb)
+                sums.append(m)
+            got = jax.device_get(sums)
+            t4 = time.perf_counter()
+            n = len(got)
+            for k in ("loss", "grad_norm", "lr", "kl", "ratio", "clip_frac", "mask_ratio"):
+                metrics[k] = float(np.mean([g[k] for g in got]))
+            metrics["updates"] = float(n)
+        else:
+            metrics.update(loss=0.0, grad_norm=0.0, lr=0.0, updates=0.0)
+        stream.counters["rows"] += rows_now
+        stream.counters["rollouts"] += len(group)
+        metrics.update(rows=float(rows_now), rows_total=float(stream.counters["rows"]),
+                       rollouts_total=float(stream.counters["rollouts"]), time_rollout=t1 - t0,
+                       time_reward=t2 - t1, time_old_policy=t3 - t2, time_update=t4 - t3)
+        return state, metrics
+
+    meta = {"model": dataclasses.asdict(model_cfg), "objective": dataclasses.asdict(rc),
+            "rollout": dataclasses.asdict(dc), "lora": dataclasses.asdict(run.lora), "seed": run.step.seed,
+            "prompts": len(samples), "prompts_per_step": run.prompts_per_step, "group_size": run.group_size}
+    job = TrainJob(name=f"rl:{rc.objective}", objective=objective, advance=advance, data_iter=stream, meta=meta,
+                   resume_keys=tuple(meta), headline=("reward", "loss"))
+    return job, close
+
+
+def run_rl(run: RLRunConfig, model_cfg: ModelConfig, params, samples: list[dict], detokenize: Callable, pad_id: int,
+           export=None, log=print, reward_fn: Callable | None = None) -> dict:
+    """Train with RL; returns the loop's summary (per outer step metrics in `history`)."""
+    job, close = make_rl_job(run, model_cfg, samples, detokenize, pad_id, log, reward_fn)
+    try:
+        return run_loop(run.loop, model_cfg, params, job, run.optim, run.step, run.mesh, run.lora, export=export,
+                        log=log)
+    finally:
+        close()
