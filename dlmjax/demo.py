@@ -17,8 +17,9 @@ from dlmjax.data import addition
 from dlmjax.data.pipeline import SFTDataConfig
 from dlmjax.decode.llada import LLaDADecodeConfig
 from dlmjax.evaluate import EvalRun, evaluate, format_table, plot_accuracy_vs_tpf
-from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
-from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
+from dlmjax.train.config import ObjectiveConfig, OptimConfig
+from dlmjax.train.loop import LoopConfig
+from dlmjax.train.sft import SFTRunConfig, build_model, run_sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +90,14 @@ def run_demo(dc: DemoConfig, log=print) -> dict:
     n_params = sum(x.size for x in __import__("jax").tree.leaves(params))
     log(f"demo: model {cfg.num_layers} layers x {cfg.hidden_size} hidden, {n_params / 1e6:.2f}M params (LLaDA-style, "
         f"bidirectional)")
-    job = SFTJobConfig(workdir=os.path.join(dc.workdir, "sft"), steps=dc.steps, log_every=max(dc.steps // 10, 1),
-                       save_every=dc.steps, keep=1, resume=False)
-    data = SFTDataConfig(path=train_path, max_length=dc.max_length, global_batch_size=dc.batch_size, seed=dc.seed)
-    opt = OptimConfig(lr=dc.lr, total_steps=dc.steps, warmup_steps=dc.steps // 20, weight_decay=dc.weight_decay)
-    summ = run_sft(job, cfg, params, tok, data, ObjectiveConfig(antithetic=dc.antithetic), opt,
-                   StepConfig(global_batch=dc.batch_size, seed=dc.seed), MeshConfig(), LoRAConfig(),
-                   tokenizer_dir=tok_dir, log=log)
+    run = SFTRunConfig(
+        loop=LoopConfig(workdir=os.path.join(dc.workdir, "sft"), steps=dc.steps, log_every=max(dc.steps // 10, 1),
+                        save_every=dc.steps, keep=1, resume=False),
+        data=SFTDataConfig(path=train_path, max_length=dc.max_length, global_batch_size=dc.batch_size, seed=dc.seed),
+        objective=ObjectiveConfig(antithetic=dc.antithetic),
+        optim=OptimConfig(lr=dc.lr, total_steps=dc.steps, warmup_steps=dc.steps // 20, weight_decay=dc.weight_decay),
+        tokenizer_dir=tok_dir)
+    summ = run_sft(run, cfg, params, tok, log=log)
     t_train = time.perf_counter() - t0
     rows = evaluate(summ["final"], test_path, decoders(dc), os.path.join(dc.workdir, "eval"), scorer="addition",
                     batch_size=64, seed=dc.seed)

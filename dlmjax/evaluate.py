@@ -98,3 +98,36 @@ def plot_accuracy_vs_tpf(rows: list[dict], stem: str, title: str = "accuracy vs 
         out.append(path)
     plt.close(fig)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalJobConfig:
+    """The whole eval job (`--job=eval`): one checkpoint, one data file, one table row per run."""
+
+    ckpt: str
+    data: str  # JSONL of {"prompt": text, "answer": text}
+    workdir: str  # one JSONL per run, table.md, accuracy_vs_tpf.{png,svg}
+    runs: tuple[EvalRun, ...]
+    scorer: str = "exact"
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "float32"
+    layer_loop: str = "auto"
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("EvalJobConfig.runs: at least one decoder run is needed")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"EvalJobConfig.scorer={self.scorer!r}: not one of {tuple(SCORERS)}")
+
+
+def run_eval_job(job: EvalJobConfig, log=print) -> list[dict]:
+    """evaluate() + the table (printed and written to <workdir>/table.md) + the accuracy-vs-TPF plot."""
+    rows = evaluate(job.ckpt, job.data, list(job.runs), job.workdir, scorer=job.scorer, batch_size=job.batch_size,
+                    seed=job.seed, dtype=job.dtype, layer_loop=job.layer_loop)
+    table = format_table(rows)
+    log(table)
+    with open(os.path.join(job.workdir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot_accuracy_vs_tpf(rows, os.path.join(job.workdir, "accuracy_vs_tpf"))
+    return rows

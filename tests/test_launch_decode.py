@@ -126,6 +126,7 @@ _PARSE = r"""
 import json, sys
 from absl import flags
 from dlmjax import launch
+from dlmjax.launch import decode_flags
 
 F = flags.FLAGS
 out = {}
@@ -133,7 +134,7 @@ for path in json.loads(sys.argv[1]):
     F.unparse_flags()
     F(["launch", f"--flagfile={path}"])
     launch.check_job_flags(F.job)
-    _, dc = launch.decode_configs(check_io=False)
+    _, dc = decode_flags.decode_configs(check_io=False)
     out[path.rsplit("/", 1)[1]] = [type(dc).__name__, {k: v for k, v in vars(dc).items() if not k.startswith("_")}]
 print("RESULT " + json.dumps(out, default=str))
 """

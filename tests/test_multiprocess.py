@@ -266,7 +266,7 @@ _VALIDATE = r"""
 import contextlib, io, json, sys
 from absl import flags
 from dlmjax import launch
-from dlmjax.train import flags as train_flags
+from dlmjax.launch import train_flags
 
 F = flags.FLAGS
 out = {}
@@ -276,7 +276,8 @@ for arg in json.loads(sys.argv[1]):
     launch.check_job_flags(F.job)
     row = {"job": F.job}
     if F.job == "sft":
-        job, data, oc, opt, sc, mc, lc = train_flags.sft_configs(lambda: 1000)
+        run = train_flags.sft_configs(lambda: 1000)
+        job, data, oc, opt, sc, mc, lc = run.loop, run.data, run.objective, run.optim, run.step, run.mesh, run.lora
         row.update(steps=job.steps, warmup=opt.warmup_steps, lr=opt.lr, objective=oc.kind, norm=oc.norm,
                    weight=oc.weight, rank=lc.rank, alpha=lc.alpha, batch=sc.global_batch, accum=sc.grad_accum,
                    max_length=data.max_length, K=oc.num_buckets, p=[oc.p_high, oc.p_low, oc.rho],

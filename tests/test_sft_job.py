@@ -17,7 +17,8 @@ from dlmjax.data.pipeline import SFTDataConfig
 from dlmjax.data.sft import DataError
 from dlmjax.demo import DemoConfig, model_config
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
-from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
+from dlmjax.train.loop import LoopConfig
+from dlmjax.train.sft import SFTRunConfig, build_model, run_sft
 from tests.launcher import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +36,13 @@ def task(tmp_path_factory):
 
 def _run(workdir, tok, data_path, steps=6, stop_at=0, oc=ObjectiveConfig(), lc=LoRAConfig(), lr=3e-3, **job_kw):
     cfg = model_config(DC, tok)
-    job = SFTJobConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=3, keep=3, stop_at=stop_at,
-                       tensorboard=False, export=False, **job_kw)
+    job = LoopConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=3, keep=3, stop_at=stop_at,
+                     tensorboard=False, export=False, **job_kw)
     data = SFTDataConfig(path=data_path, max_length=DC.max_length, global_batch_size=8, seed=1)
     opt = OptimConfig(lr=lr, total_steps=steps, warmup_steps=1)
-    return run_sft(job, cfg, build_model(cfg, 0), tok, data, oc, opt, StepConfig(global_batch=8, seed=2),
-                   MeshConfig(), lc, log=lambda *_: None)
+    run = SFTRunConfig(loop=job, data=data, objective=oc, optim=opt, step=StepConfig(global_batch=8, seed=2),
+                       mesh=MeshConfig(), lora=lc)
+    return run_sft(run, cfg, build_model(cfg, 0), tok, log=lambda *_: None)
 
 
 def _flat(tree):
@@ -100,10 +102,11 @@ def test_sigterm_saves_and_stops(task, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # our handler is installed: it only sets a flag
 
     cfg = model_config(DC, tok)
-    job = SFTJobConfig(workdir=str(tmp_path), steps=50, log_every=1, save_every=100, tensorboard=False, export=False)
+    job = LoopConfig(workdir=str(tmp_path), steps=50, log_every=1, save_every=100, tensorboard=False, export=False)
     data = SFTDataConfig(path=path, max_length=DC.max_length, global_batch_size=8, seed=1)
-    out = run_sft(job, cfg, build_model(cfg, 0), tok, data, ObjectiveConfig(), OptimConfig(total_steps=50),
-                  StepConfig(global_batch=8), MeshConfig(), LoRAConfig(), log=log)
+    run = SFTRunConfig(loop=job, data=data, objective=ObjectiveConfig(), optim=OptimConfig(total_steps=50),
+                       step=StepConfig(global_batch=8), mesh=MeshConfig(), lora=LoRAConfig())
+    out = run_sft(run, cfg, build_model(cfg, 0), tok, log=log)
     assert out["status"] == "preempted" and out["step"] == 2
     assert sorted(int(x) for x in os.listdir(tmp_path / "checkpoints") if x.isdigit()) == [2]
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
@@ -127,9 +130,11 @@ def test_malformed_line_and_mismatched_tokenizer(task, tmp_path):
     cfg = model_config(DC, tok)
     small = cfg.__class__(**{**cfg.__dict__, "vocab_size": 8})
     with pytest.raises(DataError, match="do not match"):
-        run_sft(SFTJobConfig(workdir=str(tmp_path / "v"), steps=2), small, build_model(small, 0), tok,
-                SFTDataConfig(path=path, max_length=16, global_batch_size=8), ObjectiveConfig(),
-                OptimConfig(total_steps=2), StepConfig(global_batch=8), MeshConfig(), LoRAConfig())
+        run_sft(SFTRunConfig(loop=LoopConfig(workdir=str(tmp_path / "v"), steps=2),
+                             data=SFTDataConfig(path=path, max_length=16, global_batch_size=8),
+                             objective=ObjectiveConfig(), optim=OptimConfig(total_steps=2),
+                             step=StepConfig(global_batch=8), mesh=MeshConfig(), lora=LoRAConfig()),
+                small, build_model(small, 0), tok)
 
 
 def test_loss_decreases_on_synthetic_task(task, tmp_path):

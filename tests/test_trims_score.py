@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dlmjax.checkpoint import load_checkpoint
-from dlmjax.train.trims_score import (TrimsScoreConfig, align_scores, rank_buckets, run_trims_score, score_dataset,
-                                      student_spans, teacher_inputs, teacher_token_scores, write_scored_jsonl)
+from dlmjax.data.trims_score import (TrimsScoreConfig, align_scores, rank_buckets, run_trims_score, score_dataset,
+                                     student_spans, teacher_inputs, teacher_token_scores, write_scored_jsonl)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Independent references

@@ -27,7 +27,45 @@ from dlmjax.train.objectives import make_objective
 DATA_KEYS = ("input_ids", "maskable", "length", "bucket")
 # Fields that must agree between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("model", "objective", "lora", "seed", "global_batch", "data_path", "max_length")
-SFTJobConfig = LoopConfig  # the SFT job's loop settings (workdir, steps, saves, logging)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTRunConfig:
+    """Everything one SFT run needs besides the model, its params and the tokenizer.
+
+    The step count lives in `loop.steps` and the global batch in `data.global_batch_size`: `optim` (its
+    total_steps) and `step` (its global_batch) default to the ones derived from them, and when given they are checked
+    against them here, once (a ValueError naming both fields).
+    """
+
+    loop: LoopConfig  # workdir, steps, saves, logging
+    data: SFTDataConfig  # the data file, row length L, global batch size, data seed
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig | None = None  # None: OptimConfig(total_steps=loop.steps) (defaults otherwise)
+    step: StepConfig | None = None  # None: StepConfig(global_batch=data.global_batch_size, seed=data.seed)
+    mesh: MeshConfig = MeshConfig()
+    lora: LoRAConfig = LoRAConfig()
+    tokenizer_dir: str | None = None  # tokenizer files copied into the exported checkpoint (None: saved from it)
+
+    def __post_init__(self):
+        if self.optim is None:
+            object.__setattr__(self, "optim", OptimConfig(total_steps=self.loop.steps))
+        if self.step is None:
+            object.__setattr__(self, "step", StepConfig(global_batch=self.data.global_batch_size, seed=self.data.seed))
+        if self.data.global_batch_size != self.step.global_batch:
+            raise ValueError(f"data.global_batch_size={self.data.global_batch_size} != "
+                             f"step.global_batch={self.step.global_batch}: one batch size per run")
+        if self.optim.total_steps != self.loop.steps:
+            raise ValueError(f"optim.total_steps={self.optim.total_steps} != loop.steps={self.loop.steps}: one step "
+                             "count per run")
+
+    @property
+    def steps(self) -> int:
+        return self.loop.steps
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.global_batch_size
 
 
 def check_tokenizer(cfg: ModelConfig, tokenizer, where: str):
@@ -44,15 +82,10 @@ def check_tokenizer(cfg: ModelConfig, tokenizer, where: str):
                         "checkpoint do not match")
 
 
-def run_sft(job: LoopConfig, model_cfg: ModelConfig, params, tokenizer, data: SFTDataConfig, oc: ObjectiveConfig,
-            opt: OptimConfig, sc: StepConfig, mc: MeshConfig, lc: LoRAConfig, tokenizer_dir: str | None = None,
-            log=print) -> dict:
+def run_sft(run: SFTRunConfig, model_cfg: ModelConfig, params, tokenizer, log=print) -> dict:
     """Train; returns the loop's summary (losses per logged step, tokens/s, where the checkpoints are) + data stats."""
-    if data.global_batch_size != sc.global_batch:
-        raise ValueError(f"data batch {data.global_batch_size} != step batch {sc.global_batch}")
-    if opt.total_steps != job.steps:
-        raise ValueError(f"optimizer total_steps {opt.total_steps} != steps {job.steps}")
-    check_tokenizer(model_cfg, tokenizer, tokenizer_dir or "tokenizer")
+    data, oc, sc = run.data, run.objective, run.step
+    check_tokenizer(model_cfg, tokenizer, run.tokenizer_dir or "tokenizer")
     examples, dstats = build_examples(data, tokenizer)
     log(f"data: {json.dumps(dstats)}")
     if oc.kind == "trims" and "bucket" not in examples[0]:
@@ -62,7 +95,7 @@ def run_sft(job: LoopConfig, model_cfg: ModelConfig, params, tokenizer, data: SF
     pad_id, _ = sft_special_ids(tokenizer)
     it = make_iterator(data, examples, pad_id=pad_id, process_index=jax.process_index(),
                        process_count=jax.process_count())
-    mesh = mesh_lib.make_mesh(mc)
+    mesh = mesh_lib.make_mesh(run.mesh)
     objective = make_objective(model_cfg, oc, sc.global_batch, mesh)
     keys = [k for k in DATA_KEYS if k in objective.batch_keys]
     noised = step_lib.make_add_noise(mesh)
@@ -73,13 +106,13 @@ def run_sft(job: LoopConfig, model_cfg: ModelConfig, params, tokenizer, data: SF
         return ctx.step_fn(state, frozen, noised(batch, step_lib.step_noise(ctx.seed, step)))
 
     meta = {"model": dataclasses.asdict(model_cfg), "objective": dataclasses.asdict(oc),
-            "lora": dataclasses.asdict(lc), "seed": sc.seed, "global_batch": sc.global_batch,
+            "lora": dataclasses.asdict(run.lora), "seed": sc.seed, "global_batch": sc.global_batch,
             "data_path": os.path.abspath(data.path), "max_length": data.max_length}
     train_job = TrainJob(name="sft", objective=objective, advance=advance, data_iter=it, meta=meta,
                          resume_keys=RESUME_KEYS, tokens_per_step=sc.global_batch * data.max_length,
                          headline=("loss", "masked_acc"))
-    summary = run_loop(job, model_cfg, params, train_job, opt, sc, mc, lc,
-                       export=checkpoint_writer(tokenizer_dir, tokenizer), log=log)
+    summary = run_loop(run.loop, model_cfg, params, train_job, run.optim, sc, run.mesh, run.lora,
+                       export=checkpoint_writer(run.tokenizer_dir, tokenizer), log=log)
     summary["data"] = dstats
     return summary
 

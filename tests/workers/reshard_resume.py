@@ -15,7 +15,8 @@ from dlmjax.data import addition
 from dlmjax.data.pipeline import SFTDataConfig
 from dlmjax.demo import DemoConfig, model_config
 from dlmjax.train.config import LoRAConfig, MeshConfig, ObjectiveConfig, OptimConfig, StepConfig
-from dlmjax.train.sft import SFTJobConfig, build_model, run_sft
+from dlmjax.train.loop import LoopConfig
+from dlmjax.train.sft import SFTRunConfig, build_model, run_sft
 
 
 def main():
@@ -28,12 +29,13 @@ def main():
     cfg = model_config(dc, tok)
 
     def run(workdir, mesh, stop_at=0):
-        job = SFTJobConfig(workdir=workdir, steps=6, log_every=1, save_every=3, stop_at=stop_at, tensorboard=False,
-                           export=False)
+        job = LoopConfig(workdir=workdir, steps=6, log_every=1, save_every=3, stop_at=stop_at, tensorboard=False,
+                         export=False)
         data = SFTDataConfig(path=f"{d}/train.jsonl", max_length=dc.max_length, global_batch_size=8, seed=1)
-        return run_sft(job, cfg, build_model(cfg, 0), tok, data, ObjectiveConfig(),
-                       OptimConfig(lr=3e-3, total_steps=6, warmup_steps=1), StepConfig(global_batch=8, seed=2),
-                       mesh, LoRAConfig(), log=lambda *_: None)
+        run = SFTRunConfig(loop=job, data=data, objective=ObjectiveConfig(),
+                           optim=OptimConfig(lr=3e-3, total_steps=6, warmup_steps=1),
+                           step=StepConfig(global_batch=8, seed=2), mesh=mesh, lora=LoRAConfig())
+        return run_sft(run, cfg, build_model(cfg, 0), tok, log=lambda *_: None)
 
     straight = run(f"{d}/a", MeshConfig(data=2, fsdp=2, tensor=2))
     first = run(f"{d}/b", MeshConfig(data=8), stop_at=3)

@@ -449,3 +449,48 @@ def run_trims_score(cfg: TrimsScoreConfig, records: Sequence[dict], examples: Se
         f"tokens_per_bucket={st['tokens_per_bucket']} "
         f"mean_score_per_bucket={[round(x, 4) for x in st['mean_score_per_bucket']]} -> {out_path}")
     return st
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimsScoreRunConfig:
+    """The whole `trims_score` job: the scoring settings, the SFT data file it reads (tokenised for the student as the
+    SFT job will tokenise it) and the scored JSONL it writes."""
+
+    score: TrimsScoreConfig
+    data: str  # JSONL of {prompt, response} or {messages} records
+    out: str  # scored JSONL (written as <out>.partial, renamed when complete)
+    max_length: int = 1024  # student tokens per row L, as in the SFT run that reads `out`
+    truncation: str = "right"  # right | filter, as in the SFT run
+    chat_template: bool = True
+    skip_malformed: bool = False
+
+    def __post_init__(self):
+        from dlmjax.data.sft import TRUNCATIONS
+
+        if not self.data or not self.out:
+            raise ValueError("TrimsScoreRunConfig: data and out are required")
+        if self.max_length < 2:
+            raise ValueError(f"TrimsScoreRunConfig.max_length={self.max_length}: must be >= 2")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"TrimsScoreRunConfig.truncation={self.truncation!r}: must be one of {TRUNCATIONS}")
+
+
+def run_trims_score_job(run: TrimsScoreRunConfig, log=print) -> dict:
+    """Read and tokenise `run.data` with the student tokenizer (the SFT job's reader), then `run_trims_score`.
+    The records are written back as they were read, plus their buckets."""
+    from transformers import AutoTokenizer
+
+    from dlmjax.data.sft import read_records, tokenize_record
+
+    tok = AutoTokenizer.from_pretrained(run.score.student_tokenizer)
+    records, skipped = read_records(run.data, skip_malformed=run.skip_malformed)
+    kept, examples = [], []
+    for i, rec in enumerate(records):
+        ex = tokenize_record(tok, rec, run.max_length, run.truncation, run.chat_template,
+                             where=f"{run.data} record {i}")
+        if ex is not None:  # write back the record as it was read (read_records adds "messages" to prompt/response)
+            kept.append({k: v for k, v in rec.items() if k != "messages"} if "prompt" in rec else rec)
+            examples.append({**ex, "messages": rec["messages"]})
+    log(f"trims_score: {len(examples)} examples ({skipped} malformed skipped, {len(records) - len(kept)} dropped "
+        "by truncation)")
+    return run_trims_score(run.score, kept, examples, run.out, log=log, pad_to=[ex["full_len"] for ex in examples])

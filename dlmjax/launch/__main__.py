@@ -1,0 +1,22 @@
+"""`python -m dlmjax.launch --job=... [--flagfile=...]` (the job list below comes from dlmjax.launch.registry)."""
+
+import sys
+
+from absl import app, flags
+
+from dlmjax.launch import main, usage_doc
+
+__doc__ = usage_doc()  # absl prints the __main__ module's docstring for --help / --helpshort
+
+
+def parse_flags(argv):
+    """absl's parse, with a flag error (unknown flag, bad value) as one `error: ...` line and exit code 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (--helpfull lists every flag)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
