@@ -50,19 +50,28 @@ STDIO_TEMPLATE = ("This is the problem:\n{problem}\nYou should put your code in 
 
 
 def read_answers(path: str) -> list[str]:
+    """The "answer" of every non-blank line; errors name path:line (a missing file, non-UTF-8 bytes, bad JSON)."""
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ans = rec["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise PromptError(f"{path}:{n}: expected a JSON object with an \"answer\" field") from None
-            if not isinstance(ans, (str, int, float)):
-                raise PromptError(f"{path}:{n}: \"answer\" must be a string or number")
-            out.append(str(ans))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PromptError(f"--data={path}: cannot read ({e.strerror})") from None
+    for n, bline in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PromptError(f"{path}:{n}: not UTF-8 (byte 0x{bline[e.start]:02x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ans = rec["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise PromptError(f"{path}:{n}: expected a JSON object with an \"answer\" field") from None
+        if not isinstance(ans, (str, int, float)):
+            raise PromptError(f"{path}:{n}: \"answer\" must be a string or number")
+        out.append(str(ans))
     return out
 
 

@@ -34,7 +34,7 @@ def _even_reward(completions, samples, n_tokens):
     return np.asarray(vals, np.float32), 0
 
 
-def _run(workdir, objective="slim", steps=2, stop_at=0, reward_fn=_even_reward, seed=3):
+def _run(workdir, objective="slim", steps=2, stop_at=0, reward_fn=_even_reward, seed=3, reset=False):
     cfg = W.tiny("sdar")
     rc = RLObjectiveConfig(objective=objective, block_size=K, group_filter="none", head_rows=0)
     run = RLRunConfig(
@@ -43,7 +43,7 @@ def _run(workdir, objective="slim", steps=2, stop_at=0, reward_fn=_even_reward, 
         objective=rc, rollout=BlockDecodeConfig(block_size=K, steps=K, max_new_tokens=8, rule="tau_budget",
                                                 stop_ids=(PAD,)),
         reward=RewardConfig(kind="exact", workers=0), optim=OptimConfig(lr=1e-3, total_steps=100, schedule="constant"),
-        step=StepConfig(global_batch=4, seed=seed), prompts_per_step=2, group_size=3)
+        step=StepConfig(global_batch=4, seed=seed), prompts_per_step=2, group_size=3, reset_optimizer=reset)
     return run_rl(run, cfg, init_params(cfg, jax.random.key(0)), _samples(), lambda ids: " ".join(map(str, ids)),
                   PAD, log=lambda *_: None, reward_fn=reward_fn)
 
@@ -80,6 +80,9 @@ def test_rerun_resumes_the_same_run(tmp_path):
     assert [[h[k] for k in keys] for h in straight["history"][2:]] == [[h[k] for k in keys] for h in second["history"]]
     for a, b in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(second["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    p0 = init_params(W.tiny("sdar"), jax.random.key(0))
+    assert any(float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0  # a varying reward moves the policy
+               for a, b in zip(jax.tree.leaves(straight["state"]["params"]), jax.tree.leaves(p0)))
 
 
 def test_a_raising_scorer_costs_only_its_samples(tmp_path):
@@ -100,3 +103,35 @@ def test_a_raising_scorer_costs_only_its_samples(tmp_path):
     finally:
         registry.get_scorer = registry_get
     assert list(vals) == [0.0, 1.0, 0.0] and failed == 2
+
+
+def test_reset_optimizer_restarts_adamw_each_outer_step(tmp_path):
+    """--reset_optimizer: the optimizer state (and the step counter the LR schedule reads) starts over at every
+    outer step, as the references' per-step trainer restarts do; without it they carry over."""
+    reset = _run(tmp_path / "r", steps=2, reset=True)
+    carry = _run(tmp_path / "c", steps=2)
+    assert int(reset["state"]["step"]) == reset["history"][-1]["updates"]
+    assert int(carry["state"]["step"]) == sum(h["updates"] for h in carry["history"])
+    assert reset["history"][0]["loss"] == carry["history"][0]["loss"]  # same first outer step
+
+
+@pytest.mark.slow
+def test_rl_update_on_8_devices_equals_one():
+    """The old-policy pass + minibatch updates on a 2x2x2 mesh of 8 fake CPU devices give one device's losses and
+    params (SLIM with and without LoRA, TraceRL with grad accumulation, random masking with LoRA)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "tests.workers.rl_mesh"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["rows"][0] == r["rows"][1] > 8, r  # more than one minibatch: later ones are off-policy
+        np.testing.assert_allclose(r["loss8"], r["loss1"], rtol=2e-5, atol=1e-7, err_msg=str(r["case"]))
+        assert r["param_rel_diff"] < 2e-5, r

@@ -9,8 +9,10 @@ shardings, so a run can resume on a different mesh or process count.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import grain
 import jax
@@ -79,8 +81,67 @@ def _other_process_count_position(mngr: ocp.CheckpointManager, step: int):
 
 
 def check_compatible(saved: dict, current: dict, keys, where: str):
-    """Raise ResumeError naming the first of `keys` whose saved value differs from this run's."""
+    """Raise ResumeError naming the first of `keys` whose saved value differs from this run's. A key in
+    OPTIONAL_KEYS that the checkpoint does not record (written before the key existed) is not compared."""
     for k in keys:
+        if k in OPTIONAL_KEYS and k not in saved:
+            continue
         if saved.get(k) != current.get(k):
+            if k == "data_fingerprint":
+                raise ResumeError(f"{where}: cannot resume: the data file {current.get('data_path')} changed since "
+                                  f"this checkpoint was written ({saved.get(k)} then, {current.get(k)} now); "
+                                  "restore the file, or start over with a new --workdir or --noresume")
             raise ResumeError(f"{where}: cannot resume: {k} was {saved.get(k)!r} in the checkpoint, now "
                               f"{current.get(k)!r} (use a new --workdir or --noresume)")
+
+
+OPTIONAL_KEYS = ("data_fingerprint",)
+
+
+def damaged(mngr: ocp.CheckpointManager, step: int, err: BaseException) -> ResumeError:
+    """The error for a latest checkpoint that cannot be read back. We stop rather than fall back to an older step:
+    orbax renames a step into place only when it is complete, so a damaged finished step means the files were changed
+    from outside (disk fault, partial copy, hand edits) and the user should see it; falling back silently would also
+    leave the damaged step as the manager's latest, so later saves and resumes would keep tripping on it."""
+    where = os.path.join(str(mngr.directory), str(step))
+    older = [s for s in mngr.all_steps() if s < step]
+    reason = (str(err).strip().splitlines() or [""])[0][:300]
+    then = (f"move it aside to resume from step {max(older)}, the newest before it" if older else
+            "move it aside to start over")
+    return ResumeError(f"{where}: the latest checkpoint is damaged and cannot be restored ({type(err).__name__}: "
+                       f"{reason}); {then}, or use --noresume / a new --workdir")
+
+
+def read_meta_checked(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """read_meta, a damaged step's error as a ResumeError naming it."""
+    try:
+        meta = read_meta(mngr, step)
+    except Exception as e:  # noqa: BLE001  (orbax / tensorstore / json raise many types)
+        raise damaged(mngr, step, e) from None
+    if not isinstance(meta, dict):
+        raise damaged(mngr, step, ValueError(f"meta is a {type(meta).__name__}, not an object"))
+    return meta
+
+
+def restore_checked(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+    """restore, a damaged step's error as a ResumeError naming it (a ResumeError of restore passes unchanged)."""
+    try:
+        return restore(mngr, step, abstract_state, data_iter)
+    except ResumeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise damaged(mngr, step, e) from None
+
+
+def os_error(err: BaseException, directory: str) -> OSError | None:
+    """The OSError behind an orbax / tensorstore save failure (they surface as ValueError / RuntimeError carrying
+    `[os_error_code='28']` or the OS message), naming the checkpoint directory; None when it is not an OS error."""
+    if isinstance(err, OSError):
+        return err
+    text = str(err)
+    m = re.search(r"os_error_code='?(\d+)", text)
+    code = int(m.group(1)) if m else next((c for c in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+                                           if os.strerror(c) in text), None)
+    if code is None:
+        return None
+    return OSError(code, f"{os.strerror(code)} while saving a checkpoint", directory)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
 
 import grain
 import numpy as np
@@ -51,6 +53,26 @@ class SFTDataConfig:
             bad("pad_bucket", f"must be an integer in [0, {BUCKET_MAX}]")
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             bad("prefetch", "must be a non-negative integer")
+
+
+def file_fingerprint(path: str, window: int = 1 << 20) -> str:
+    """`<size> bytes, sha256 <16 hex>` of the file's size and its first and last `window` bytes (the whole file when
+    it is smaller than 2 windows): cheap on any data size, and it changes with any edit that changes the length or
+    touches either end (appended, removed, reordered or rewritten records; an in-place edit of the same length in the
+    middle of a file > 2 MiB is the one change it misses). Recorded in SFT checkpoints, compared on resume."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h = hashlib.sha256(str(size).encode())
+            if size <= 2 * window:
+                h.update(f.read())
+            else:
+                h.update(f.read(window))
+                f.seek(size - window)
+                h.update(f.read(window))
+    except OSError as e:
+        raise DataError(f"{path}: cannot open SFT data file ({e.strerror})") from None
+    return f"{size} bytes, sha256 {h.hexdigest()[:16]}"
 
 
 def build_examples(cfg: SFTDataConfig, tokenizer) -> tuple[list[dict], dict]:

@@ -2,13 +2,23 @@
 devices when there are several) -> a JSONL of completions with step maps and stats.
 
 Input lines: {"prompt": text} (through the checkpoint's tokenizer and chat template) or {"prompt_ids": [ints]}.
-Every line is parsed and validated before any decoding starts; an error names the file and the line. Results are
-appended to `<out>.partial` batch by batch (flushed) and renamed to `<out>` at the end, so an interrupted run keeps
-every finished batch and never leaves a truncated `<out>`.
+Every line is parsed and validated before any decoding starts (UTF-8, JSON, at least one prompt token, prompt +
+max_new_tokens within the model's max_position_embeddings); an error names the file and the line. `--out` is checked
+(not a directory, its directory writable) before the checkpoint is loaded. Results are appended to `<out>.partial`
+batch by batch (flushed) and renamed to `<out>` at the end, so an interrupted run (Ctrl-C) keeps every finished batch
+and never leaves a truncated `<out>`; a run that fails (bad input, disk full, ...) removes its `.partial` and the
+directories it created.
+
+Each output line carries expected wrong commits (EWC) two ways: `ewc_per_step` (one value per denoising step the row
+ran: Σ(1 - p) over every slot committed at that step, including slots a block commits past the stop token or past
+max_new_tokens and that are cut afterwards, as SLIM-RL's engine counts them), its mean `ewc_per_step_mean` (the
+quantity of SLIM-RL's `ewc_mean` and the paper's Figure 5), and `ewc_kept_sum`, Σ(1 - p) over the kept tokens only
+(the old `expected_wrong_commits`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,6 +47,10 @@ class PromptError(ValueError):
     """A malformed prompts file; the message names the file and the line."""
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written (a directory, a read-only or full file system); names the path."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeJobConfig:
     ckpt: str
@@ -59,18 +73,25 @@ class DecodeJobConfig:
             raise ValueError("--batch_size must be positive")
 
 
-def read_prompts(path: str, tokenizer, chat_template: bool, vocab_size: int) -> list[tuple[str | None, list[int]]]:
-    """[(text or None, ids)] for every line; blank lines are skipped."""
+def read_prompts(path: str, tokenizer, chat_template: bool, vocab_size: int,
+                 max_positions: int | None = None, max_new_tokens: int = 0) -> list[tuple[str | None, list[int]]]:
+    """[(text or None, ids)] for every line; blank lines are skipped. With max_positions, a prompt whose tokens +
+    max_new_tokens exceed it is refused (naming the line)."""
     out = []
     try:
-        f = open(path)
+        f = open(path, "rb")
     except OSError as e:
         raise PromptError(f"{path}: cannot open prompts file ({e.strerror})") from None
     with f:
-        for n, line in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -85,25 +106,98 @@ def read_prompts(path: str, tokenizer, chat_template: bool, vocab_size: int) -> 
                 bad = [t for t in ids if not 0 <= t < vocab_size]
                 if bad:
                     raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
-                out.append((None, ids))
-                continue
-            text = rec["prompt"]
-            if not isinstance(text, str):
-                raise PromptError(f"{where}: 'prompt' must be a string")
-            if tokenizer is None:
-                raise PromptError(f"{where}: text prompt but the checkpoint has no tokenizer files; use 'prompt_ids'")
-            if chat_template:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise PromptError(f"{where}: the checkpoint's tokenizer has no chat template; pass "
-                                      "--nochat_template or use 'prompt_ids'")
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                text = None
             else:
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                text = rec["prompt"]
+                if not isinstance(text, str):
+                    raise PromptError(f"{where}: 'prompt' must be a string")
+                if tokenizer is None:
+                    raise PromptError(f"{where}: text prompt but the checkpoint has no tokenizer files; use "
+                                      "'prompt_ids'")
+                if chat_template:
+                    if not getattr(tokenizer, "chat_template", None):
+                        raise PromptError(f"{where}: the checkpoint's tokenizer has no chat template; pass "
+                                          "--nochat_template or use 'prompt_ids'")
+                    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                        add_generation_prompt=True)
+                    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                else:
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if not ids:  # one behaviour for every decoder: a prompt needs at least one token
+                    raise PromptError(f"{where}: the prompt is empty (0 tokens); every decoder needs at least one "
+                                      "prompt token")
+            if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+                raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} = "
+                                  f"{len(ids) + max_new_tokens} positions exceed the model's "
+                                  f"max_position_embeddings ({max_positions})")
             out.append((text, ids))
     if not out:
         raise PromptError(f"{path}: no prompts")
     return out
+
+
+def new_tokens(decode_cfg) -> int:
+    """The completion length of a decoder config (SDAR / Dream max_new_tokens, LLaDA gen_length)."""
+    for name in ("max_new_tokens", "gen_length"):
+        if getattr(decode_cfg, name, None) is not None:
+            return int(getattr(decode_cfg, name))
+    raise TypeError(f"{type(decode_cfg).__name__} has no max_new_tokens / gen_length")
+
+
+class OutputFile:
+    """`<out>` written through `<out>.partial`: checked (not a directory, writable) before any work, renamed when
+    complete. On failure, `discard()` removes the partial file and the directories this object created, so a failed
+    run leaves nothing behind (an interrupt keeps the finished batches in `.partial`)."""
+
+    def __init__(self, out: str, flag: str = "--out"):
+        self.out, self.partial = out, out + ".partial"
+        if os.path.isdir(out) or os.path.isdir(self.partial):
+            raise OutputError(f"{flag}={out}: is a directory (give a file path)")
+        parent = os.path.dirname(os.path.abspath(out))
+        self.created, p = [], parent
+        while not os.path.exists(p):
+            self.created.append(p)
+            p = os.path.dirname(p)
+        if not os.path.isdir(p):
+            raise OutputError(f"{flag}={out}: {p} is not a directory")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.f = open(self.partial, "w")
+            self.f.write("\n")  # probe: a full file system fails here, before the work, not after it
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.seek(0)
+            self.f.truncate()
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"{flag}={out}: cannot write {e.filename or self.partial} ({e.strerror})") from None
+
+    def write(self, text: str):
+        try:
+            self.f.write(text)
+            self.f.flush()
+        except OSError as e:
+            raise OutputError(f"{self.partial}: write failed ({e.strerror})") from None
+
+    def commit(self):
+        try:
+            self.f.close()
+            os.replace(self.partial, self.out)
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot finish the output ({e.strerror})") from None
+
+    def discard(self, keep_finished: bool = False):
+        f = getattr(self, "f", None)
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        if keep_finished and os.path.exists(self.partial) and os.path.getsize(self.partial) > 0:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.partial)
+        for d in self.created:  # deepest first; only directories left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def _load_tokenizer(ckpt: str):
@@ -138,27 +232,63 @@ def _pack(batch: list[list[int]], width: int, pad: int, left: bool):
 
 def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
     """Decode every prompt; returns the summary dict (also printed as one line)."""
+    out = OutputFile(job.out)
+    try:
+        summary = _run(job, decode_cfg, out)
+    except BaseException as e:
+        out.discard(keep_finished=isinstance(e, KeyboardInterrupt))
+        raise
+    log("decode summary: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
+    return summary
+
+
+def _record(res, i: int, index: int, text, pid, tok) -> dict:
+    """One output line: row i of a Rollout."""
+    n = int(res.lengths[i])
+    steps = int(res.n_steps[i])
+    toks = res.tokens[i, :n].tolist()
+    ewc_steps = np.asarray(res.ewc_per_step[i, :steps], np.float64)
+    rec = {"index": index, "prompt": text, "prompt_ids": pid, "ids": toks,
+           "text": tok.decode(toks, skip_special_tokens=True) if tok is not None else None,
+           "step_map": res.step_map[i, :n].tolist(), "tpf": float(res.tpf[i]),
+           # EWC as SLIM-RL counts it: every slot committed at each denoising step (incl. ones cut afterwards)
+           "ewc_per_step": [float(x) for x in ewc_steps],
+           "ewc_per_step_mean": float(ewc_steps.sum() / steps) if steps else 0.0,
+           "commits_per_step": res.commits_per_step[i, :steps].tolist(),
+           # Σ(1 - p) over the kept tokens only (the old `expected_wrong_commits`, kept under its old name too)
+           "ewc_kept_sum": float(res.ewc_sum[i]), "expected_wrong_commits": float(res.ewc_sum[i]),
+           "forwards": int(res.n_forwards[i])}
+    if res.n_full is not None:  # Fast-dLLM Dream block + cache: block-start full forwards among `forwards`
+        rec.update(full_forwards=int(res.n_full[i]))
+    if res.n_save is not None:  # SDAR: denoising + cache-saving forwards
+        rec.update(denoise_forwards=steps, cache_forwards=int(res.n_save[i]))
+    return rec
+
+
+def _run(job: DecodeJobConfig, decode_cfg, out: OutputFile) -> dict:
     from tqdm import tqdm
 
+    from dlmjax.checkpoint import CheckpointError
+
     cfg, params = load_checkpoint(job.ckpt, dtype=job.dtype, compute_dtype=job.dtype)
+    if cfg.mask_token_id is None:
+        raise CheckpointError(f"{job.ckpt}: the checkpoint has no mask_token_id (an autoregressive {cfg.family} "
+                              f"model?); the {job.decoder} decoder needs a diffusion LM checkpoint")
     if unrolled_layers(job.layer_loop):
         params = M.unstack_layers(params)
-    if cfg.mask_token_id is None:
-        raise ValueError(f"{job.ckpt}: config has no mask_token_id; the {job.decoder} decoder needs a dLLM "
-                         f"checkpoint (family {cfg.family})")
     if api.decoder_name(decode_cfg) != job.decoder:
         raise ValueError(f"--decoder={job.decoder} but the decoder config is a {type(decode_cfg).__name__}")
     if isinstance(decode_cfg, BlockDecodeConfig) and not decode_cfg.stop_ids and cfg.eos_token_id is not None:
         decode_cfg = dataclasses.replace(decode_cfg, stop_ids=(cfg.eos_token_id,))  # default: stop at EOS
     tok = _load_tokenizer(job.ckpt)
-    prompts = read_prompts(job.prompts, tok, job.chat_template, cfg.vocab_size)
+    prompts = read_prompts(job.prompts, tok, job.chat_template, cfg.vocab_size, cfg.max_position_embeddings,
+                           new_tokens(decode_cfg))
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id or 0
     key = jax.random.key(job.seed)
     mesh = _data_mesh(job.batch_size)
-    partial = job.out + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
-    totals = dict(tokens=0, forwards=0, tpf=[], ewc=[], seconds=0.0)
-    with open(partial, "w") as f, tqdm(total=len(prompts), desc=f"decode[{job.decoder}]", unit="prompt") as bar:
+    totals = dict(tokens=0, forwards=0, tpf=[], ewc=[], ewc_steps=0.0, steps=0, seconds=0.0)
+    with tqdm(total=len(prompts), desc=f"decode[{job.decoder}]", unit="prompt") as bar:
         for b0 in range(0, len(prompts), job.batch_size):
             chunk = prompts[b0:b0 + job.batch_size]
             ids = [c[1] for c in chunk]
@@ -170,33 +300,26 @@ def run(job: DecodeJobConfig, decode_cfg, log=print) -> dict:
                                jax.random.fold_in(key, b0), mesh=mesh)
             res = jax.device_get(res)
             dt = time.perf_counter() - t0
+            lines = []
             for i, (text, pid) in enumerate(chunk):
-                n = int(res.lengths[i])
-                toks = res.tokens[i, :n].tolist()
-                rec = {"index": b0 + i, "prompt": text, "prompt_ids": pid, "ids": toks,
-                       "text": tok.decode(toks, skip_special_tokens=True) if tok is not None else None,
-                       "step_map": res.step_map[i, :n].tolist(), "tpf": float(res.tpf[i]),
-                       "expected_wrong_commits": float(res.ewc_sum[i]), "forwards": int(res.n_forwards[i])}
-                if res.n_full is not None:  # Fast-dLLM Dream block + cache: block-start full forwards among `forwards`
-                    rec.update(full_forwards=int(res.n_full[i]))
-                if res.n_save is not None:  # SDAR: denoising + cache-saving forwards
-                    rec.update(denoise_forwards=int(res.n_steps[i]), cache_forwards=int(res.n_save[i]))
-                f.write(json.dumps(rec) + "\n")
-                totals["tokens"] += n
-                totals["forwards"] += int(res.n_forwards[i])
+                rec = _record(res, i, b0 + i, text, pid, tok)
+                lines.append(json.dumps(rec) + "\n")
+                totals["tokens"] += len(rec["ids"])
+                totals["forwards"] += rec["forwards"]
                 totals["tpf"].append(rec["tpf"])
-                totals["ewc"].append(rec["expected_wrong_commits"])
-            f.flush()
+                totals["ewc"].append(rec["ewc_kept_sum"])
+                totals["ewc_steps"] += float(np.sum(rec["ewc_per_step"]))
+                totals["steps"] += len(rec["ewc_per_step"])
+            out.write("".join(lines))
             totals["seconds"] += dt
             bar.update(len(chunk))
             bar.set_postfix(tpf=f"{np.mean(totals['tpf']):.2f}", tok_s=f"{totals['tokens'] / totals['seconds']:.1f}")
-    os.replace(partial, job.out)
-    summary = {"prompts": len(prompts), "mean_tpf": float(np.mean(totals["tpf"])),
-               "mean_expected_wrong_commits": float(np.mean(totals["ewc"])),
-               "tokens_per_s": totals["tokens"] / totals["seconds"],
-               "forwards_per_s": totals["forwards"] / totals["seconds"], "seconds": totals["seconds"],
-               "out": job.out}
-    log("decode summary: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in summary.items()))
-    return summary
-
+    out.commit()
+    mean_kept = float(np.mean(totals["ewc"]))
+    return {"prompts": len(prompts), "mean_tpf": float(np.mean(totals["tpf"])),
+            # pooled over every (prompt, denoising step) pair, as SLIM-RL's ewc_mean
+            "ewc_per_step": totals["ewc_steps"] / max(totals["steps"], 1),
+            "mean_ewc_kept_sum": mean_kept, "mean_expected_wrong_commits": mean_kept,
+            "tokens_per_s": totals["tokens"] / totals["seconds"],
+            "forwards_per_s": totals["forwards"] / totals["seconds"], "seconds": totals["seconds"],
+            "out": job.out}

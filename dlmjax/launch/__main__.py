@@ -1,5 +1,6 @@
 """`python -m dlmjax.launch --job=... [--flagfile=...]` (the job list below comes from dlmjax.launch.registry)."""
 
+import os
 import sys
 
 from absl import app, flags
@@ -18,5 +19,16 @@ def parse_flags(argv):
         sys.exit(1)
 
 
+def main_or_exit(argv):
+    """main; after an input error (exit code 2, already reported on one `error:` line) leave at once: a failed
+    orbax restore or save leaves tensorstore callbacks behind that print tracebacks during interpreter teardown."""
+    code = main(argv)
+    if code == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    return code
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main_or_exit, flags_parser=parse_flags)

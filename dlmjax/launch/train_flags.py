@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from dlmjax.launch.common_flags import F, require, require_dir, usage
+from dlmjax.launch.common_flags import F, require, require_dir, require_writable_dir, usage
 
 # --- demo -----------------------------------------------------------------------------------------------------------
 flags.DEFINE_integer("train_steps", None, "demo / sft: optimizer steps (sft: or use --epochs).", lower_bound=1)
@@ -170,6 +170,17 @@ def sft_configs(n_examples_fn):
     return usage(build)
 
 
+def check_machine(mc):
+    """The mesh flags must fit this machine's devices (checked before any work; exit code 2, the flags named)."""
+    import jax
+
+    try:
+        mc.shape(jax.device_count())
+    except ValueError as e:
+        raise app.UsageError(f"--mesh_data={F.mesh_data} --mesh_fsdp={F.mesh_fsdp} --mesh_tensor={F.mesh_tensor}: "
+                             f"{e}", exitcode=2) from None
+
+
 def initialize_distributed():
     """--distributed: jax.distributed.initialize() (auto-detect, or --coordinator / --num_processes / --process_id)."""
     import jax
@@ -205,6 +216,8 @@ def run_sft() -> int:
         return len(build_examples(cfg, tokenizer())[0])
 
     run = sft_configs(count)
+    check_machine(run.mesh)
+    require_writable_dir("workdir", F.workdir)
     tok = tokenizer()
     cfg, params = load_checkpoint(F.init_ckpt, dtype=F.param_dtype, compute_dtype=F.compute_dtype, remat=F.remat)
     if F.loss_weight is None and cfg.family == "dream":  # dLLM's DreamTrainer default

@@ -113,10 +113,13 @@ def _rollout_stats(ro, n_steps) -> dict:
 
 
 def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], detokenize: Callable, pad_id: int,
-                log=print, reward_fn: Callable | None = None) -> tuple[TrainJob, Callable]:
+                log=print, reward_fn: Callable | None = None, eval_fn: Callable | None = None,
+                eval_every: int = 0) -> tuple[TrainJob, Callable]:
     """(the TrainJob, close). samples: [{"prompt_ids": [...], "answer"/"task": ...}], already filtered to
     max_prompt_len. detokenize(ids) -> text for the reward. reward_fn: your own batch reward
-    (completions, samples, n_tokens) -> (rewards [B], n_failed) instead of run.reward's. close() stops workers."""
+    (completions, samples, n_tokens) -> (rewards [B], n_failed) instead of run.reward's. close() stops workers.
+    eval_fn(outer_step, params) -> {name: float}: called after every `eval_every`-th outer step (1-based) on the
+    updated policy's params; its numbers are merged into that step's metrics (plus time_eval)."""
     rc, dc = run.objective, run.rollout
     if model_cfg.mask_token_id is None:
         raise ValueError("RL needs a diffusion checkpoint with a mask_token_id")
@@ -199,6 +202,10 @@ def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], d
         metrics.update(rows=float(rows_now), rows_total=float(stream.counters["rows"]),
                        rollouts_total=float(stream.counters["rollouts"]), time_rollout=t1 - t0,
                        time_reward=t2 - t1, time_old_policy=t3 - t2, time_update=t4 - t3)
+        if eval_fn is not None and eval_every > 0 and (step + 1) % eval_every == 0:
+            t5 = time.perf_counter()
+            metrics.update({k: float(v) for k, v in eval_fn(step + 1, ctx.combine(state["params"], frozen)).items()})
+            metrics["time_eval"] = time.perf_counter() - t5
         return state, metrics
 
     meta = {"model": dataclasses.asdict(model_cfg), "objective": dataclasses.asdict(rc),
@@ -210,9 +217,10 @@ def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], d
 
 
 def run_rl(run: RLRunConfig, model_cfg: ModelConfig, params, samples: list[dict], detokenize: Callable, pad_id: int,
-           export=None, log=print, reward_fn: Callable | None = None) -> dict:
-    """Train with RL; returns the loop's summary (per outer step metrics in `history`)."""
-    job, close = make_rl_job(run, model_cfg, samples, detokenize, pad_id, log, reward_fn)
+           export=None, log=print, reward_fn: Callable | None = None, eval_fn: Callable | None = None,
+           eval_every: int = 0) -> dict:
+    """Train with RL; returns the loop's summary (per outer step metrics in `history`; eval_fn: see make_rl_job)."""
+    job, close = make_rl_job(run, model_cfg, samples, detokenize, pad_id, log, reward_fn, eval_fn, eval_every)
     try:
         return run_loop(run.loop, model_cfg, params, job, run.optim, run.step, run.mesh, run.lora, export=export,
                         log=log)

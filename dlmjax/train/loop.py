@@ -10,9 +10,13 @@ comes from fold_in(PRNGKey(seed), step) placed in the batch by the job).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
+import logging
 import os
+import shutil
 import signal
 import time
 from typing import Callable
@@ -95,6 +99,67 @@ def _install_sigterm():
     return lambda _: bool(flag), lambda: signal.signal(signal.SIGTERM, old)
 
 
+class _BelowWarningFromOrbax(logging.Filter):
+    """Drops orbax's INFO / DEBUG records (~110 lines per SFT run: every save's threads, barriers, renames) and the
+    tracebacks of its warnings / errors (one line each; the job's own error line names the cause)."""
+
+    def filter(self, record):
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.msg = str(record.msg).splitlines()[0][:300] if str(record.msg) else record.msg
+        return True
+
+
+_ORBAX_FILTER = _BelowWarningFromOrbax()
+
+
+def _quiet_orbax():
+    """Silence orbax's INFO lines (absl's app.run raises the default verbosity to INFO) unless --verbosity was given
+    on the command line / flagfile. Warnings and errors always pass."""
+    from absl import flags
+
+    try:
+        asked = flags.FLAGS["verbosity"].present
+    except KeyError:
+        asked = False
+    absl_logger = logging.getLogger("absl")
+    if asked:
+        absl_logger.removeFilter(_ORBAX_FILTER)
+    elif _ORBAX_FILTER not in absl_logger.filters:
+        absl_logger.addFilter(_ORBAX_FILTER)
+
+
+def _remove_stale_exports(workdir: str):
+    """What an export killed half-way leaves: `<workdir>/.final.tmp-*` (atomic_dir's temporary directory, never
+    renamed) and `.final.old-*` (the replaced export, killed before its removal). Nothing else writes them."""
+    if jax.process_index() != 0:
+        return
+    for d in glob.glob(os.path.join(glob.escape(workdir), ".final.tmp-*")) + \
+            glob.glob(os.path.join(glob.escape(workdir), ".final.old-*")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(workdir: str):
+    """A run that fails before it saved any checkpoint leaves nothing behind: the workdir if this run created it,
+    else the subdirectories (checkpoints/, tb/) it created. A run with a finished checkpoint keeps everything (the
+    next run resumes from it)."""
+    made = [] if os.path.exists(workdir) else [workdir]
+    sub = [os.path.join(workdir, d) for d in ("checkpoints", "tb") if not os.path.exists(os.path.join(workdir, d))]
+    try:
+        yield
+    except BaseException:
+        ck = os.path.join(workdir, "checkpoints")
+        saved = os.path.isdir(ck) and any(x.isdigit() for x in os.listdir(ck))
+        if not saved and jax.process_index() == 0:
+            for d in (made or sub):
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
 def _writer(loop: LoopConfig):
     if not loop.tensorboard or jax.process_index() != 0:
         return None
@@ -119,8 +184,16 @@ def _log_line(step: int, total: int, row: dict) -> str:
 def run_loop(loop: LoopConfig, model_cfg: ModelConfig, params, job: TrainJob, opt: OptimConfig, sc: StepConfig,
              mc: MeshConfig, lc: LoRAConfig, export: Callable | None = None, log=print) -> dict:
     """Train `job`; returns a summary (metrics per logged step, status, where the checkpoints are, final state).
-    export(params, dst): writes the final model (LoRA merged); called on process 0 paths via export_final."""
+    export(params, dst): writes the final model (LoRA merged); called on process 0 paths via export_final.
+    A run that fails before its first checkpoint removes what it created (the workdir, or checkpoints/ and tb/)."""
+    _quiet_orbax()
+    with _cleanup_on_failure(loop.workdir):
+        return _run_loop(loop, model_cfg, params, job, opt, sc, mc, lc, export, log)
+
+
+def _run_loop(loop, model_cfg, params, job, opt, sc, mc, lc, export, log) -> dict:
     os.makedirs(loop.workdir, exist_ok=True)
+    _remove_stale_exports(loop.workdir)
     mesh = mesh_lib.make_mesh(mc)
     tx = step_lib.make_optimizer(opt)
     split, combine = step_lib.trainable_view(lc, params)
@@ -134,75 +207,85 @@ def run_loop(loop: LoopConfig, model_cfg: ModelConfig, params, job: TrainJob, op
 
     meta = json.loads(json.dumps(job.meta))  # tuples -> lists, as they come back from JSON
     mngr = ckpt_lib.manager(os.path.join(loop.workdir, "checkpoints"), loop.save_every, loop.keep, loop.async_save)
-    start = 0
-    latest = mngr.latest_step() if loop.resume else None
-    if latest is not None:
-        ckpt_lib.check_compatible(ckpt_lib.read_meta(mngr, latest), meta, job.resume_keys,
-                                  os.path.join(loop.workdir, "checkpoints", str(latest)))
-        state, _ = ckpt_lib.restore(mngr, latest, ckpt_lib.abstract_like(state, state_sh), job.data_iter)
-        start = int(latest)
-        log(f"resumed from step {start} ({os.path.join(loop.workdir, 'checkpoints')})")
-
-    step_fn = step_lib.make_train_step(job.objective, sc, opt, tx, combine, mesh, state_sh, frozen_sh, None)
-    ctx = LoopContext(mesh=mesh, step_fn=step_fn, combine=combine, state_sh=state_sh, frozen_sh=frozen_sh,
-                      seed=sc.seed, tx=tx)
-    writer = _writer(loop)
-    preempted, restore_signal = _install_sigterm()
-    history, pending = [], []
-    show = jax.process_index() == 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=loop.steps, initial=start, desc=job.name, disable=not show, dynamic_ncols=True, mininterval=1.0)
-    t_log, step, stopped = time.perf_counter(), start, "done"
     try:
-        while step < loop.steps:
-            state, metrics = job.advance(ctx, state, frozen, step)
-            step += 1
-            pending.append((step, metrics))
-            bar.update(1)
-            if step % loop.log_every == 0 or step == loop.steps:
-                got = jax.device_get([m for _, m in pending])
-                dt = time.perf_counter() - t_log
-                for (s, _), m in zip(pending, got):
-                    row = {"step": s, **{k: float(v) for k, v in m.items()}}
-                    history.append(row)
+        start = 0
+        latest = mngr.latest_step() if loop.resume else None
+        if latest is not None:
+            ckpt_lib.check_compatible(ckpt_lib.read_meta_checked(mngr, latest), meta, job.resume_keys,
+                                      os.path.join(loop.workdir, "checkpoints", str(latest)))
+            state, _ = ckpt_lib.restore_checked(mngr, latest, ckpt_lib.abstract_like(state, state_sh),
+                                                job.data_iter)
+            start = int(latest)
+            log(f"resumed from step {start} ({os.path.join(loop.workdir, 'checkpoints')})")
+
+        step_fn = step_lib.make_train_step(job.objective, sc, opt, tx, combine, mesh, state_sh, frozen_sh, None)
+        ctx = LoopContext(mesh=mesh, step_fn=step_fn, combine=combine, state_sh=state_sh, frozen_sh=frozen_sh,
+                          seed=sc.seed, tx=tx)
+        writer = _writer(loop)
+        preempted, restore_signal = _install_sigterm()
+        history, pending = [], []
+        show = jax.process_index() == 0
+        from tqdm import tqdm
+
+        bar = tqdm(total=loop.steps, initial=start, desc=job.name, disable=not show, dynamic_ncols=True,
+                   mininterval=1.0)
+        t_log, step, stopped = time.perf_counter(), start, "done"
+        try:
+            while step < loop.steps:
+                state, metrics = job.advance(ctx, state, frozen, step)
+                step += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if step % loop.log_every == 0 or step == loop.steps:
+                    got = jax.device_get([m for _, m in pending])
+                    dt = time.perf_counter() - t_log
+                    for (s, _), m in zip(pending, got):
+                        row = {"step": s, **{k: float(v) for k, v in m.items()}}
+                        history.append(row)
+                        if writer is not None:
+                            for k, v in row.items():
+                                if k != "step":
+                                    writer.add_scalar(f"train/{k}", v, s)
+                    row = history[-1]
+                    if job.tokens_per_step:
+                        row["tokens_per_s"] = job.tokens_per_step * len(pending) / dt
+                    row["step_time_s"] = dt / len(pending)
                     if writer is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                writer.add_scalar(f"train/{k}", v, s)
-                row = history[-1]
-                if job.tokens_per_step:
-                    row["tokens_per_s"] = job.tokens_per_step * len(pending) / dt
-                row["step_time_s"] = dt / len(pending)
-                if writer is not None:
-                    for k in ("tokens_per_s", "step_time_s"):
-                        if k in row:
-                            writer.add_scalar(f"train/{k}", row[k], step)
-                bar.set_postfix({k: f"{row[k]:.4f}" for k in job.headline if k in row})
-                log(_log_line(step, loop.steps, row))
-                pending, t_log = [], time.perf_counter()
-            pre = preempted(step)  # multi-process: a collective decision; call it once at every step
-            if pre or (loop.stop_at and step >= loop.stop_at and step < loop.steps):
-                stopped = "preempted" if pre else "stopped"
-                break
-            ckpt_lib.save(mngr, step, state, job.data_iter, meta)
-        mngr.wait_until_finished()
-        if step not in mngr.all_steps():
-            ckpt_lib.save(mngr, step, state, job.data_iter, meta, force=True)
-        mngr.wait_until_finished()
-        if stopped != "done":
-            log(f"{stopped} at step {step}/{loop.steps}; checkpoint saved, rerun to resume")
-    finally:
-        bar.close()
-        restore_signal()
-        if writer is not None:
-            writer.close()
-    summary = {"status": stopped, "step": step, "history": history,
-               "checkpoints": os.path.join(loop.workdir, "checkpoints")}
-    if stopped == "done" and loop.export and export is not None:
-        final = os.path.join(loop.workdir, "final")
-        summary["final"] = export_final(model_cfg, combine(state["params"], frozen), final, export)
-        log(f"exported {summary['final']}")
+                        for k in ("tokens_per_s", "step_time_s"):
+                            if k in row:
+                                writer.add_scalar(f"train/{k}", row[k], step)
+                    bar.set_postfix({k: f"{row[k]:.4f}" for k in job.headline if k in row})
+                    log(_log_line(step, loop.steps, row))
+                    pending, t_log = [], time.perf_counter()
+                pre = preempted(step)  # multi-process: a collective decision; call it once at every step
+                if pre or (loop.stop_at and step >= loop.stop_at and step < loop.steps):
+                    stopped = "preempted" if pre else "stopped"
+                    break
+                ckpt_lib.save(mngr, step, state, job.data_iter, meta)
+            mngr.wait_until_finished()
+            if step not in mngr.all_steps():
+                ckpt_lib.save(mngr, step, state, job.data_iter, meta, force=True)
+            mngr.wait_until_finished()
+            if stopped != "done":
+                log(f"{stopped} at step {step}/{loop.steps}; checkpoint saved, rerun to resume")
+        finally:
+            bar.close()
+            restore_signal()
+            if writer is not None:
+                writer.close()
+        summary = {"status": stopped, "step": step, "history": history,
+                   "checkpoints": os.path.join(loop.workdir, "checkpoints")}
+        if stopped == "done" and loop.export and export is not None:
+            final = os.path.join(loop.workdir, "final")
+            summary["final"] = export_final(model_cfg, combine(state["params"], frozen), final, export)
+            log(f"exported {summary['final']}")
+    except BaseException as e:
+        with contextlib.suppress(BaseException):  # stop orbax's threads before the error propagates
+            mngr.close()
+        err = ckpt_lib.os_error(e, os.path.join(loop.workdir, "checkpoints"))
+        if err is not None:  # a full / read-only disk during a save: an OSError naming the directory
+            raise err from None
+        raise
     summary["state"] = state
     mngr.close()
     return summary

@@ -15,7 +15,7 @@ import os
 import jax
 
 from dlmjax.config import ModelConfig
-from dlmjax.data.pipeline import SFTDataConfig, build_examples, make_iterator
+from dlmjax.data.pipeline import SFTDataConfig, build_examples, file_fingerprint, make_iterator
 from dlmjax.data.sft import DataError, sft_special_ids
 from dlmjax.model.transformer import init_params
 from dlmjax import sharding as mesh_lib
@@ -25,8 +25,9 @@ from dlmjax.train.loop import LoopConfig, TrainJob, checkpoint_writer, run_loop
 from dlmjax.train.objectives import make_objective
 
 DATA_KEYS = ("input_ids", "maskable", "length", "bucket")
-# Fields that must agree between a checkpoint and the run resuming from it.
-RESUME_KEYS = ("model", "objective", "lora", "seed", "global_batch", "data_path", "max_length")
+# Fields that must agree between a checkpoint and the run resuming from it. data_fingerprint: the data file's size +
+# hash of its first / last MiB (data.pipeline.file_fingerprint), so a file changed under the same path is refused.
+RESUME_KEYS = ("model", "objective", "lora", "seed", "global_batch", "data_path", "data_fingerprint", "max_length")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,7 @@ def run_sft(run: SFTRunConfig, model_cfg: ModelConfig, params, tokenizer, log=pr
     """Train; returns the loop's summary (losses per logged step, tokens/s, where the checkpoints are) + data stats."""
     data, oc, sc = run.data, run.objective, run.step
     check_tokenizer(model_cfg, tokenizer, run.tokenizer_dir or "tokenizer")
+    fingerprint = file_fingerprint(data.path)  # before reading: a change while reading shows at the next resume
     examples, dstats = build_examples(data, tokenizer)
     log(f"data: {json.dumps(dstats)}")
     if oc.kind == "trims" and "bucket" not in examples[0]:
@@ -107,7 +109,8 @@ def run_sft(run: SFTRunConfig, model_cfg: ModelConfig, params, tokenizer, log=pr
 
     meta = {"model": dataclasses.asdict(model_cfg), "objective": dataclasses.asdict(oc),
             "lora": dataclasses.asdict(run.lora), "seed": sc.seed, "global_batch": sc.global_batch,
-            "data_path": os.path.abspath(data.path), "max_length": data.max_length}
+            "data_path": os.path.abspath(data.path), "data_fingerprint": fingerprint,
+            "max_length": data.max_length}
     train_job = TrainJob(name="sft", objective=objective, advance=advance, data_iter=it, meta=meta,
                          resume_keys=RESUME_KEYS, tokens_per_step=sc.global_batch * data.max_length,
                          headline=("loss", "masked_acc"))
