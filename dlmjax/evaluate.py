@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 
+from dlmjax import jsonl
 from dlmjax.decode.job import DecodeJobConfig, PromptError
 from dlmjax.decode.job import run as run_decode
 
@@ -52,22 +53,14 @@ STDIO_TEMPLATE = ("This is the problem:\n{problem}\nYou should put your code in 
 def read_answers(path: str) -> list[str]:
     """The "answer" of every non-blank line; errors name path:line (a missing file, non-UTF-8 bytes, bad JSON)."""
     out = []
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise PromptError(f"--data={path}: cannot read ({e.strerror})") from None
-    for n, bline in enumerate(raw.split(b"\n"), 1):
+    for n, raw in jsonl.lines(path, "--data file", PromptError):
         try:
-            line = bline.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PromptError(f"{path}:{n}: not UTF-8 (byte 0x{bline[e.start]:02x} at column {e.start + 1})") from None
-        if not line.strip():
-            continue
+            rec = jsonl.parse(raw)
+        except ValueError as e:
+            raise PromptError(f"{path}:{n}: {e}") from None
         try:
-            rec = json.loads(line)
             ans = rec["answer"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise PromptError(f"{path}:{n}: expected a JSON object with an \"answer\" field") from None
         if not isinstance(ans, (str, int, float)):
             raise PromptError(f"{path}:{n}: \"answer\" must be a string or number")

@@ -303,7 +303,7 @@ def test_eval_bad_data_and_read_only_workdir(imported, tmp_path):
     _, ckpt, _, _ = imported("sdar")
     base = ("--job=eval", f"--ckpt={ckpt}", "--decoder=sdar", "--max_new_tokens=4")
     r = launch(*base, f"--data={tmp_path / 'nope.jsonl'}", f"--workdir={tmp_path / 'w1'}")
-    _one_error(r, "--data=", "nope.jsonl")
+    _one_error(r, "--data", "nope.jsonl", "cannot open")
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt_ids": [5, 6], "answer": "1"}\n{"prompt_ids": [5, 6], "answer": "\xff"}\n')
     r = launch(*base, f"--data={bad}", f"--workdir={tmp_path / 'w2'}")

@@ -7,9 +7,10 @@ turn; other keys are kept (e.g. "bucket": the TRIMS teacher's per-token bucket i
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
+
+from dlmjax import jsonl
 
 TRUNCATIONS = ("right", "filter")
 BUCKET_MAX = 127  # buckets are stored as int8
@@ -62,29 +63,17 @@ def _check_record(rec) -> dict:
 
 def _read(path: str, skip_malformed: bool) -> tuple[list[dict], list[int], int]:
     """(records, their 1-based line numbers, n_skipped)."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot open SFT data file ({e.strerror})") from None
     records, lines, skipped = [], [], 0
-    with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg})") from None
-                rec = _check_record(rec)
-            except ValueError as e:  # UnicodeDecodeError is a ValueError too
-                if not skip_malformed:
-                    raise DataError(f"{path}:{n}: {e}") from None
-                skipped += 1
-                continue
-            records.append(rec)
-            lines.append(n)
+    for n, raw in jsonl.lines(path, "SFT data file", DataError):
+        try:
+            rec = _check_record(jsonl.parse(raw))
+        except ValueError as e:
+            if not skip_malformed:
+                raise DataError(f"{path}:{n}: {e}") from None
+            skipped += 1
+            continue
+        records.append(rec)
+        lines.append(n)
     return records, lines, skipped
 
 

@@ -27,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+from dlmjax import jsonl
 from dlmjax import model as M
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import api
@@ -78,59 +79,47 @@ def read_prompts(path: str, tokenizer, chat_template: bool, vocab_size: int,
     """[(text or None, ids)] for every line; blank lines are skipped. With max_positions, a prompt whose tokens +
     max_new_tokens exceed it is refused (naming the line)."""
     out = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise PromptError(f"{path}: cannot open prompts file ({e.strerror})") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PromptError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
-                    from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_ids" in rec):
-                raise PromptError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
-            if "prompt_ids" in rec:
-                ids = rec["prompt_ids"]
-                if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool)
-                                                              for t in ids)):
-                    raise PromptError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
-                bad = [t for t in ids if not 0 <= t < vocab_size]
-                if bad:
-                    raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
-                text = None
+    for n, raw in jsonl.lines(path, "prompts file", PromptError):
+        where = f"{path}:{n}"
+        try:
+            rec = jsonl.parse(raw)
+        except ValueError as e:
+            raise PromptError(f"{where}: {e}") from None
+        if not isinstance(rec, dict) or ("prompt" in rec) == ("prompt_ids" in rec):
+            raise PromptError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
+        if "prompt_ids" in rec:
+            ids = rec["prompt_ids"]
+            if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in ids)):
+                raise PromptError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+            text = None
+        else:
+            text = rec["prompt"]
+            if not isinstance(text, str):
+                raise PromptError(f"{where}: 'prompt' must be a string")
+            if tokenizer is None:
+                raise PromptError(f"{where}: text prompt but the checkpoint has no tokenizer files; use "
+                                  "'prompt_ids'")
+            if chat_template:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise PromptError(f"{where}: the checkpoint's tokenizer has no chat template; pass "
+                                      "--nochat_template or use 'prompt_ids'")
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                    add_generation_prompt=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             else:
-                text = rec["prompt"]
-                if not isinstance(text, str):
-                    raise PromptError(f"{where}: 'prompt' must be a string")
-                if tokenizer is None:
-                    raise PromptError(f"{where}: text prompt but the checkpoint has no tokenizer files; use "
-                                      "'prompt_ids'")
-                if chat_template:
-                    if not getattr(tokenizer, "chat_template", None):
-                        raise PromptError(f"{where}: the checkpoint's tokenizer has no chat template; pass "
-                                          "--nochat_template or use 'prompt_ids'")
-                    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                        add_generation_prompt=True)
-                    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-                else:
-                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                if not ids:  # one behaviour for every decoder: a prompt needs at least one token
-                    raise PromptError(f"{where}: the prompt is empty (0 tokens); every decoder needs at least one "
-                                      "prompt token")
-            if max_positions is not None and len(ids) + max_new_tokens > max_positions:
-                raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} = "
-                                  f"{len(ids) + max_new_tokens} positions exceed the model's "
-                                  f"max_position_embeddings ({max_positions})")
-            out.append((text, ids))
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:  # one behaviour for every decoder: a prompt needs at least one token
+                raise PromptError(f"{where}: the prompt is empty (0 tokens); every decoder needs at least one "
+                                  "prompt token")
+        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+            raise PromptError(f"{where}: the prompt's {len(ids)} tokens + max_new_tokens={max_new_tokens} = "
+                              f"{len(ids) + max_new_tokens} positions exceed the model's "
+                              f"max_position_embeddings ({max_positions})")
+        out.append((text, ids))
     if not out:
         raise PromptError(f"{path}: no prompts")
     return out

@@ -309,27 +309,23 @@ def load_code_tasks(path: str) -> list[CodeTask]:
     Fields: question (or prompt), test_method ("function" default | "stdio"), test_time_limit (s, default 1),
     function: test_list (list of test strings), prefix (optional); stdio: test_input, test_output (equal-length lists
     of strings). Optional task_id / id. Raises CodeDataError "path:line: what is wrong"."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise CodeDataError(f"{path}: cannot open code task file ({e.strerror})") from None
-    stripped = text.lstrip()
+    from dlmjax import jsonl
+
+    first = next(jsonl.lines(path, "code task file", CodeDataError), (0, b""))[1]
     entries = []  # (line, record)
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise CodeDataError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({e.msg})") from None
+    if first.lstrip().startswith(b"["):  # one JSON document holding a list
+        with open(path, "rb") as f:
+            try:
+                data = jsonl.parse(f.read())
+            except ValueError as e:
+                raise CodeDataError(f"{path}: {e}") from None
         entries = [(f"record {i}", r) for i, r in enumerate(data)]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, raw in jsonl.lines(path, "code task file", CodeDataError):
             try:
-                entries.append((n, json.loads(line)))
+                entries.append((n, jsonl.parse(raw)))
             except ValueError as e:
-                raise CodeDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise CodeDataError(f"{path}:{n}: {e}") from None
     tasks = []
     for where, rec in entries:
         try:

@@ -811,27 +811,14 @@ def read_math_jsonl(path: str) -> list[dict]:
     reference's names) are accepted for them. Blank lines are skipped. Raises :class:`MathDataError` naming
     ``path:line`` for a line that is not UTF-8, not JSON, not an object, or lacks/mistypes a field, and naming the
     path when the file cannot be opened or holds no record."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise MathDataError(f"{path}: cannot open math data file ({e.strerror})") from None
+    from dlmjax import jsonl
+
     records = []
-    with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"not UTF-8 (byte {e.start} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg})") from None
-                records.append(_check_math_record(rec))
-            except ValueError as e:
-                raise MathDataError(f"{path}:{n}: {e}") from None
+    for n, raw in jsonl.lines(path, "math data file", MathDataError):
+        try:
+            records.append(_check_math_record(jsonl.parse(raw)))
+        except ValueError as e:
+            raise MathDataError(f"{path}:{n}: {e}") from None
     if not records:
         raise MathDataError(f"{path}: no records (expected JSONL lines like {{\"prompt\": ..., \"answer\": ...}})")
     return records
