@@ -132,6 +132,8 @@ def test_rl_update_on_8_devices_equals_one():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 4
     for r in rows:
-        assert r["rows"][0] == r["rows"][1] > 8, r  # more than one minibatch: later ones are off-policy
+        assert r["rows"][0] == r["rows"][1] > 0, r
+        if r["case"][0] in ("slim", "tracerl"):
+            assert r["rows"][0] > 8, r  # more than one minibatch: the later ones are off-policy
         np.testing.assert_allclose(r["loss8"], r["loss1"], rtol=2e-5, atol=1e-7, err_msg=str(r["case"]))
         assert r["param_rel_diff"] < 2e-5, r

@@ -8,14 +8,13 @@ import jax
 import numpy as np
 
 from dlmjax import sharding as mesh_lib
-from dlmjax.model.transformer import init_params
 from dlmjax.rl.batch import build_rows, make_batch, split_minibatches
 from dlmjax.rl.config import RLObjectiveConfig
 from dlmjax.rl.layout import pack_rollouts
 from dlmjax.rl.objectives import make_rl_objective
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, OptimConfig, StepConfig
-from tests.workers.sharded_step import V, tiny
+from tests.workers.sharded_step import V, init_train, tiny
 
 K, MB = 4, 8
 
@@ -30,21 +29,10 @@ def rollouts(seed=0, n=8):
 
 def run(devices, mc, rc, lc, accum):
     cfg = tiny("sdar")
-    mesh = mesh_lib.make_mesh(mc, devices)
-    params = init_params(cfg, jax.random.key(0))
     # a large Adam eps keeps updates proportional to the gradient (1e-8 makes them ~sign(g), which amplifies the
     # float-rounding differences of near-zero gradient entries between the two layouts)
     opt = OptimConfig(lr=3e-3, total_steps=10, schedule="constant", eps=1e-3)
-    tx = step_lib.make_optimizer(opt)
-    split, combine = step_lib.trainable_view(lc, params)
-    trainable, frozen = split(params, jax.random.key(1))
-    if lc.rank:
-        trainable = jax.tree.map(lambda x: x + 0.01, trainable)
-    state, state_sh = step_lib.init_state(mesh, tx, trainable)
-    frozen_sh = None
-    if frozen is not None:
-        frozen_sh = mesh_lib.shardings(mesh, mesh_lib.param_specs(mesh, frozen))
-        frozen = jax.device_put(frozen, frozen_sh)
+    mesh, tx, combine, state, state_sh, frozen, frozen_sh = init_train(devices, mc, lc, cfg, opt)
     obj = make_rl_objective(cfg, rc, mesh)
     fn = step_lib.make_train_step(obj, StepConfig(global_batch=MB, grad_accum=accum), opt, tx, combine, mesh,
                                   state_sh, frozen_sh, None)

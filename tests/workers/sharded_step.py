@@ -43,10 +43,11 @@ def batch(seed):
     return {"input_ids": ids, "maskable": maskable, "length": length, "bucket": bucket}
 
 
-def run(devices, mc, oc, lc, sc, cfg, n_steps=3):
+def init_train(devices, mc, lc, cfg, opt):
+    """(mesh, tx, combine, state, state_sh, frozen, frozen_sh) of a fresh tiny model on `devices` (LoRA adapters
+    nudged off zero so they matter from step 0); shared with the RL mesh worker."""
     mesh = mesh_lib.make_mesh(mc, devices)
     params = init_params(cfg, jax.random.key(0))
-    opt = OptimConfig(lr=3e-3, total_steps=10, warmup_steps=2, weight_decay=0.01)
     tx = step_lib.make_optimizer(opt)
     split, combine = step_lib.trainable_view(lc, params)
     trainable, frozen = split(params, jax.random.key(1))
@@ -57,6 +58,12 @@ def run(devices, mc, oc, lc, sc, cfg, n_steps=3):
     if frozen is not None:
         frozen_sh = mesh_lib.shardings(mesh, mesh_lib.param_specs(mesh, frozen))
         frozen = jax.device_put(frozen, frozen_sh)
+    return mesh, tx, combine, state, state_sh, frozen, frozen_sh
+
+
+def run(devices, mc, oc, lc, sc, cfg, n_steps=3):
+    opt = OptimConfig(lr=3e-3, total_steps=10, warmup_steps=2, weight_decay=0.01)
+    mesh, tx, combine, state, state_sh, frozen, frozen_sh = init_train(devices, mc, lc, cfg, opt)
     b0 = batch(0)
     batch_sh = mesh_lib.batch_shardings(mesh, b0)
     obj = make_objective(cfg, oc, sc.global_batch, mesh)
