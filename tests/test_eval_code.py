@@ -178,9 +178,9 @@ def test_bad_code_file_is_one_error_line(ckpt, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == f"error: {data}:2: missing 'test_list'"
     # flag combinations are usage errors (exit 1)
     r = launch("--job=eval", f"--ckpt={path}", "--code_set=humaneval", "--scorer=exact", f"--workdir={tmp_path}")
-    assert r.returncode == 1 and "--scorer=code" in r.stderr
+    assert r.returncode == 2 and "--scorer=code" in r.stderr
     r = launch("--job=eval", f"--ckpt={path}", f"--data={data}", "--samples=3", f"--workdir={tmp_path}")
-    assert r.returncode == 1 and "--samples is for code evaluation" in r.stderr
+    assert r.returncode == 2 and "--samples is for code evaluation" in r.stderr
 
 
 def test_sandbox_that_cannot_start_fails_before_decoding(ckpt, tmp_path, monkeypatch):

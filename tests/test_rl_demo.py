@@ -77,7 +77,7 @@ def test_demo_config_checks():
 
 def test_launcher_rejects_a_bad_demo_config():
     r = launch("--job=rl_demo", "--rl_demo_steps=7", "--rl_demo_eval_every=5", timeout=300)
-    assert r.returncode == 1 and "eval_every" in r.stderr, r.stderr
+    assert r.returncode == 2 and "eval_every" in r.stderr, r.stderr
 
 
 @pytest.mark.slow

@@ -11,12 +11,12 @@ __doc__ = usage_doc()  # absl prints the __main__ module's docstring for --help 
 
 
 def parse_flags(argv):
-    """absl's parse, with a flag error (unknown flag, bad value) as one `error: ...` line and exit code 1."""
+    """absl's parse, with a flag error (unknown flag, bad value) as one `error: ...` line and exit code 2."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e} (--helpfull lists every flag)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def main_or_exit(argv):

@@ -104,7 +104,7 @@ def _errors_to_exit(fn):
 
 def main(argv) -> int:
     """absl main: check the flags against --job, run the job. A usage error (a flag the job does not use, a bad
-    combination, a missing required flag) is one `error: ...` line and exit code 1."""
+    value or combination, a missing required flag) is bad input like any other: one `error: ...` line, exit code 2."""
     try:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
@@ -112,4 +112,4 @@ def main(argv) -> int:
         return _errors_to_exit(JOBS[F.job].run)
     except app.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.exitcode
+        return 2
