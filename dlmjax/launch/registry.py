@@ -90,10 +90,11 @@ def _errors_to_exit(fn):
     from dlmjax.config import ConfigError
     from dlmjax.data.sft import DataError
     from dlmjax.decode.job import OutputError, PromptError
+    from dlmjax.rewards.math import MathDataError
 
     try:
         return fn()
-    except (PromptError, OutputError, CheckpointError, ConfigError, DataError, ResumeError) as e:
+    except (PromptError, OutputError, CheckpointError, ConfigError, DataError, MathDataError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
