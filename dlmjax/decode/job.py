@@ -31,7 +31,6 @@ from dlmjax import jsonl
 from dlmjax import model as M
 from dlmjax.checkpoint import load_checkpoint
 from dlmjax.decode import api
-from dlmjax.decode.api import decoder_config  # noqa: F401  (public here: the launcher builds configs through it)
 from dlmjax.decode.sdar import BlockDecodeConfig
 
 DECODERS = ("sdar", "llada", "dream")

@@ -49,7 +49,7 @@ def make_batch(packed: Packed, rows: Rows, adv, minibatch: int) -> dict:
     total = -(-real // minibatch) * minibatch
     pad = total - real
     ro = rows.rollout.astype(np.int64)
-    l0, l1 = packed.l0, packed.l1
+    l1 = packed.l1
 
     def padded(x, fill):
         return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)]) if pad else x

@@ -10,8 +10,6 @@ ids at masked positions, a per-token weight, and token / sequence / batch normal
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -22,7 +20,6 @@ from dlmjax.train.config import ObjectiveConfig
 from dlmjax.train.objective import Objective
 
 F32 = jnp.float32
-LossFn = Callable[..., tuple]
 SFT_BATCH_KEYS = ("input_ids", "maskable", "length", "row", "noise_key", "noise_u0")
 
 
