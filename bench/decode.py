@@ -13,17 +13,21 @@ on both sides): logits scale by that factor and confidences spread over (0, 1), 
 All decoding is greedy (argmax candidates, confidence = softmax(logits)[argmax] in f32) with the mask token
 forbidden, prompts are random tokens of equal length, no stop ids: every row generates exactly G tokens.
 
+"Ours" is always `dlmjax.decode.api.generate` (the call the decode job, eval and RL rollouts make: the prompt
+convention conversion, the loop and the Rollout record in one jit); "iterations" = the SDAR loop's while-loop
+iterations = the largest per-row `Rollout.n_forwards` (`loop_iterations`).
+
 Sections (`--sections`, comma-separated; default all):
-  overhead  ours: whole `block_generate` wall time / the same forwards run bare: block_generate's prefill (jitted
+  overhead  ours: whole `generate` (SDAR `block_generate`) wall time / the same forwards run bare: block_generate's prefill (jitted
             `M.forward` on [B, floor(P/K)*K] writing the cache, logits unused as in the loop) + `iterations` x one
             loop forward (jitted `M.forward` on [B, K] block tokens against a KV cache of the loop's Lmax with a
             per-row cache index, the cache donated, returned and passed to the next call), timed in pairs with the
             decode. One forward and the prefill are also timed alone (wall / (iterations x 1 fwd + prefill)).
   torch     tokens/s of ours vs a plain PyTorch loop, same weights, same batch, same run (interleaved reps), for
             SDAR tau-budget, SDAR dynamic and LLaDA low-confidence. Both sides' tokens are asserted equal first.
-              ours   SDAR: `dlmjax.decode.sdar.block_generate` (one jit: prefill + while_loop over per-row blocks,
+              ours   SDAR: `generate` -> `dlmjax.decode.sdar.block_generate` (one jit: prefill + while_loop over per-row blocks,
                      one [B, K] forward per iteration against a fixed-size KV cache, logits only for the block).
-                     LLaDA: `dlmjax.decode.llada.generate` (one jit; each step = full-canvas trunk, LM head on the
+                     LLaDA: `generate` -> `dlmjax.decode.llada.generate` (one jit; each step = full-canvas trunk, LM head on the
                      block only).
               torch  SDAR: `transformers` KV cache (DynamicCache), batch in lock step block by block: prefill of the
                      full prompt blocks under the block-causal 4-D mask; each denoising step runs the [B, K] block
@@ -468,27 +472,32 @@ def sdar_dc(args, rule: str, gen: int, tau: float | None = None, sampled: bool =
 
 
 def ours_sdar_call(cfg, params, dc, prompts: np.ndarray):
-    import jax
-    import jax.numpy as jnp
-
-    from dlmjax.decode.sdar import block_generate
-
-    pr = jnp.asarray(prompts)
-    lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
-    key = jax.random.key(0)
-    return lambda: block_generate(cfg, dc, params, pr, lens, key)
+    """Zero-argument callable: `decode.api.generate` (the path every user of the decoders takes) on [B, P] prompts
+    of equal length -> Rollout."""
+    return _ours_call(cfg, params, dc, prompts)
 
 
 def ours_llada_call(cfg, params, dc, prompts: np.ndarray):
+    return _ours_call(cfg, params, dc, prompts)
+
+
+def _ours_call(cfg, params, dc, prompts: np.ndarray):
     import jax
     import jax.numpy as jnp
 
-    from dlmjax.decode.llada import generate
+    from dlmjax.decode import api
 
     pr = jnp.asarray(prompts)
-    valid = jnp.ones(prompts.shape, bool)
+    lens = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
     key = jax.random.key(0)
-    return lambda: generate(cfg, dc, params, pr, valid, key)
+    return lambda: api.generate(dc, cfg, params, pr, lens, key)
+
+
+def loop_iterations(ro) -> int:
+    """The SDAR loop's while-loop iterations from a Rollout: every iteration, each row not yet done runs exactly one
+    denoising or one saving forward, and the loop runs until the last row is done, so the count is the largest
+    per-row n_forwards."""
+    return int(np.max(np.asarray(ro.n_forwards)))
 
 
 def bare_forwards(cfg, params, b: int, k: int, p: int, lmax: int, iters: int):
@@ -530,7 +539,7 @@ def measure_sdar(args, cfg, params, b: int, p: int, gen: int, rule: str, rng, re
     decode = ours_sdar_call(cfg, params, dc, prompts)
     first, out = timed(decode)
     out = jax.device_get(out)
-    iters = int(out["iterations"])
+    iters = loop_iterations(out)
     lmax = -(-(p + gen) // k) * k
     bare = bare_forwards(cfg, params, b, k, p, lmax, iters)
     block(bare())  # compiles the prefill and the loop forward
@@ -546,7 +555,7 @@ def measure_sdar(args, cfg, params, b: int, p: int, gen: int, rule: str, rng, re
                 bare_ms=1e3 * statistics.median(bs), step_ms=1e3 * t_step, prefill_ms=1e3 * t_pre,
                 ratio=wall / statistics.median(bs), ratio_min=min(ts) / min(bs),
                 ratio_est=wall / (iters * t_step + t_pre), iter_ms=1e3 * (wall - t_pre) / max(iters, 1),
-                tok_s=b * gen / wall, n_denoise=float(np.mean(out["n_denoise"])), tpf=float(np.mean(out["tpf"])),
+                tok_s=b * gen / wall, n_denoise=float(np.mean(out.n_steps)), tpf=float(np.mean(out.tpf)),
                 wall_all_ms=[1e3 * t for t in ts], bare_all_ms=[1e3 * t for t in bs])
 
 
@@ -622,20 +631,20 @@ def section_torch(args, models, rng, log):
             t_first = time.perf_counter()
             t = torch_fn()
             t_first = time.perf_counter() - t_first
-            ours_tok = np.asarray(o["tokens"])[:, :gen]
+            ours_tok = np.asarray(o.tokens)[:, :gen]
             agree = float(np.mean(ours_tok == t["tokens"]))
             if agree < 1 and not args.no_assert:
                 raise AssertionError(f"{name} B={b}: ours and torch tokens differ (agreement {agree:.3f})\n"
                                      f"ours  {ours_tok.tolist()}\ntorch {t['tokens'].tolist()}")
-            ours_fwd = int(o["iterations"]) + (1 if (args.prompt_len // args.block_size) else 0) \
-                if "iterations" in o else int(np.max(o["n_forward"]))
+            ours_fwd = loop_iterations(o) + (1 if (args.prompt_len // args.block_size) else 0) \
+                if name.startswith("SDAR") else int(np.max(o.n_forwards))
             t_s, o_s, t_last = _interleaved(torch_fn, ours_fn, args.reps)
             t_ms, o_ms = _median_ms(t_s), _median_ms(o_s)
             r = dict(decoder=name, B=b, G=gen, torch_ms=t_ms, ours_ms=o_ms, torch_tok_s=1e3 * b * gen / t_ms,
                      ours_tok_s=1e3 * b * gen / o_ms, ratio=t_ms / o_ms, torch_fwd=t["n_forward"], ours_fwd=ours_fwd,
                      ratio_min=min(t_s) / min(o_s), torch_model_frac=t_last["t_model"] / t_s[-1],
                      agree=agree, ours_first_s=first, torch_first_s=t_first,
-                     tpf=float(np.mean(o["tpf"])), torch_all_ms=[1e3 * x for x in t_s],
+                     tpf=float(np.mean(o.tpf)), torch_all_ms=[1e3 * x for x in t_s],
                      ours_all_ms=[1e3 * x for x in o_s])
             rows.append(r)
             log(f"torch {name} B={b}: torch {t_ms:.0f} ms, ours {o_ms:.0f} ms, ratio {r['ratio']:.2f}")
@@ -705,7 +714,7 @@ def section_cache(args, models, rng, log):
             out = jax.device_get(out)
             n_blocks = dl // k - p // k
             r.update(decode_block_ms=1e3 * (statistics.median(ts) - t_pre) / n_blocks, decode_prefill_ms=1e3 * t_pre,
-                     decode_iterations=int(out["iterations"]))
+                     decode_iterations=loop_iterations(out))
         rows.append(r)
         log(f"cache P={p}: ours {r['step_ms']:.1f} ms/fwd, torch {r['torch_step_ms']:.1f} ms/fwd")
     base = rows[0]["block_ms"] if rows else 1.0
@@ -793,11 +802,11 @@ def section_quality(args, models, rng, log):
                 continue
             dc = sdar_dc(args, rule, gen, tau=tau)
             out = jax.device_get(ours_sdar_call(cfg, params, dc, prompts)())
-            comp = np.asarray(out["step_map"]) > 0
-            ewc = np.asarray(out["ewc"])
-            rows.append(dict(rule=rule, tau=tau if rule != "static" else None, tpf=float(np.mean(out["tpf"])),
+            comp = np.asarray(out.step_map) > 0
+            ewc = np.asarray(out.ewc_sum)
+            rows.append(dict(rule=rule, tau=tau if rule != "static" else None, tpf=float(np.mean(out.tpf)),
                              ewc=float(np.mean(ewc)), ewc_tok=float(np.sum(ewc) / max(comp.sum(), 1)),
-                             n_denoise=float(np.mean(out["n_denoise"])), iterations=int(out["iterations"])))
+                             n_denoise=float(np.mean(out.n_steps)), iterations=loop_iterations(out)))
             log(f"quality {rule} tau={tau}: TPF {rows[-1]['tpf']:.2f}, EWC {rows[-1]['ewc']:.2f}")
     headers = ["rule", "tau", "mean TPF", "mean EWC / row", "EWC / token", "denoising fwd / row", "iterations"]
     body = [[r["rule"], "-" if r["tau"] is None else f"{r['tau']:.2f}", f"{r['tpf']:.3f}", f"{r['ewc']:.4f}",

@@ -59,3 +59,26 @@ def test_decode_bench_quick(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"overhead", "torch", "cache", "layers", "batch", "quality", "profile"}
     assert data["results"]["torch"][0]["torch_fwd"] > 0
+
+
+def test_loop_iterations_from_rollout_equals_the_loops_own_count():
+    """bench/decode.py times `decode.api.generate` and derives the SDAR loop's iteration count from the Rollout
+    (max per-row n_forwards); the loop's own `iterations` counter (returned by block_generate) is the reference.
+    Rows of different prompt lengths and stop ids make rows finish at different iterations."""
+    import jax
+    import numpy as np
+
+    from bench.decode import loop_iterations
+    from dlmjax.decode import api
+    from dlmjax.decode.sdar import BlockDecodeConfig, block_generate
+    from tests.workers import decode_mesh as W
+
+    cfg, params = W.MODELS["sdar"], W.params("sdar")
+    dc = BlockDecodeConfig(block_size=4, steps=4, max_new_tokens=12, rule="dynamic", tau=0.5, temperature=1.0,
+                           stop_ids=(2,))
+    left, aligned, lens = W.prompts([8, 5, 2, 6])
+    key = jax.random.key(3)
+    ro = api.generate(dc, cfg, params, left, lens, key)
+    ref = block_generate(cfg, dc, params, aligned, lens, key)
+    assert loop_iterations(ro) == int(ref["iterations"])
+    assert len(set(np.asarray(ro.n_forwards).tolist())) > 1  # rows differ, so the max is not trivially everyone's
