@@ -44,7 +44,13 @@ class DemoConfig:
         if self.steps <= 0 or self.batch_size <= 0 or self.n_test <= 0:
             raise ValueError("demo: steps, batch_size and n_test must be positive")
         if self.gen_length < 2 * self.max_digits + 4:
-            raise ValueError(f"demo: gen_length={self.gen_length} cannot hold a {self.max_digits}-digit worked answer")
+            raise ValueError(f"demo: gen_length={self.gen_length} cannot hold a {self.max_digits}-digit worked answer "
+                             f"(--demo_digits at most {(self.gen_length - 4) // 2})")
+        drawable = (10 ** self.max_digits) ** 2 // 2  # addition.make_splits draws at most half the problem space
+        if self.n_train + self.n_test > drawable:
+            raise ValueError(f"demo: max_digits={self.max_digits} (--demo_digits) allows {drawable} distinct "
+                             f"problems, fewer than the {self.n_train} train + {self.n_test} held-out the demo draws; "
+                             "use 3 or more digits")
 
     @property
     def max_length(self) -> int:

@@ -28,3 +28,17 @@ def test_demo_learns_addition(tmp_path):
     assert rows["dynamic"]["mean_tpf"] > 2.0 and rows["tau_budget"]["mean_tpf"] > 2.0
     assert "| low_confidence |" in r.stdout and (tmp_path / "accuracy_vs_tpf.svg").exists()
     assert (tmp_path / "sft" / "final" / "params.safetensors").exists()
+
+
+@pytest.mark.parametrize("digits,why", [(1, "allows 50 distinct problems"), (2, "allows 5000 distinct problems"),
+                                        (5, "cannot hold a 5-digit worked answer")])
+def test_demo_digits_out_of_range_is_one_error_line(tmp_path, digits, why):
+    """--demo_digits the demo cannot serve: one `error:` line naming the flag, exit 2, nothing written."""
+    from tests.launcher import launch
+
+    w = tmp_path / "w"
+    r = launch("--job=demo", f"--demo_digits={digits}", f"--workdir={w}", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not w.exists()
