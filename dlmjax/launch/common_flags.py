@@ -16,8 +16,10 @@ flags.DEFINE_integer("batch_size", 8, "decode / eval: prompts decoded together; 
                                      "step (global); trims_score: teacher rows per forward.", lower_bound=1)
 flags.DEFINE_string("workdir", None, "demo / sft / eval: output directory (demo default runs/demo; sft: checkpoints/, "
                                      "tb/ and final/ go here; eval: one JSONL per decoder + table.md).")
-flags.DEFINE_string("data", None, "sft / trims_score: JSONL of {prompt, response} or {messages} records; eval: "
-                                  "JSONL of {prompt, answer}.")
+flags.DEFINE_string("data", None, "sft / trims_score: JSONL of {prompt, response} or {messages} records; eval / "
+                                  "rl: JSONL of {prompt, answer}, or with --scorer=code / --reward=code a code-task "
+                                  "JSONL ({question, test_method, test_list | test_input + test_output, ...}; "
+                                  "fields: dlmjax/rewards/code.py).")
 flags.DEFINE_string("out", None, "decode / trims_score: output JSONL (written as <out>.partial, renamed when "
                                  "complete).")
 flags.DEFINE_bool("chat_template", True, "decode / sft / trims_score: use the tokenizer's chat template.")
