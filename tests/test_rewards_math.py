@@ -15,6 +15,7 @@ import time
 import pytest
 
 from dlmjax.rewards import math as M
+from dlmjax.rewards import math_legacy as ML
 
 # --------------------------------------------------------------------------------------------------------- extraction
 
@@ -76,12 +77,12 @@ def test_modes_differ_on_comma_stripping():
 
 def test_strip_string_steps():
     """A few of §3.1's normalisation steps one at a time."""
-    assert M._strip_string("\\left( 1 \\right)") == "(1)"
-    assert M._strip_string("50\\%") == "50"
-    assert M._strip_string(".5") == "\\frac{1}{2}"            # leading "." gets a 0, then 0.5 -> \frac{1}{2}
-    assert M._strip_string("k = 7") == "7"                   # lhs of at most two characters dropped
-    assert M._strip_string("abc = 7") == "abc=7"              # a longer lhs is kept
-    assert M._strip_string("\\$ 4") == "4"
+    assert ML._strip_string("\\left( 1 \\right)") == "(1)"
+    assert ML._strip_string("50\\%") == "50"
+    assert ML._strip_string(".5") == "\\frac{1}{2}"            # leading "." gets a 0, then 0.5 -> \frac{1}{2}
+    assert ML._strip_string("k = 7") == "7"                   # lhs of at most two characters dropped
+    assert ML._strip_string("abc = 7") == "abc=7"              # a longer lhs is kept
+    assert ML._strip_string("\\$ 4") == "4"
 
 
 def test_legacy_repetitive_guard():

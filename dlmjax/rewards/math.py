@@ -15,36 +15,29 @@ else 0.0 (also 0.0 when there is no such box). Two equivalence modes:
 During training the reward is also 0 when the response used ``n_tokens >= max_tokens - 5`` tokens (§1.6); evaluation
 leaves ``n_tokens``/``max_tokens`` unset (§1.8: the eval scorer applies no truncation rule).
 
-Scoring a rollout batch goes through :class:`ScoringPool`: worker processes started fresh (``subprocess``, not fork),
-each loading only this file (no jax, no package ``__init__``), reused across calls. A sample whose scorer raises,
-crashes its worker or runs past ``timeout_s`` costs only its own reward (0.0) and is counted; the worker is killed and
-replaced and the batch goes on. Results come back in input order.
+Scoring a rollout batch goes through rewards/scoring_pool.py's :class:`ScoringPool` (worker processes; a sample
+that raises, crashes its worker or hangs costs only its own reward, 0.0, and is counted). The legacy comparison's
+normalisation and sympy test are in rewards/math_legacy.py.
 
 The module imports nothing heavy at import time (sympy and math-verify load on first use), so the worker start and the
-launcher's import stay cheap. It must stay importable without jax: the workers load it standalone.
+launcher's import stay cheap; the workers import it without jax.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import importlib
-import json
 import logging
-import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
-from itertools import zip_longest
+
+from dlmjax.rewards.math_legacy import _latex_eval, _sympy_equal, is_equiv, is_repetitive
+from dlmjax.rewards.scoring_pool import PoolResult, ScoringPool
 
 __all__ = [
     "MODES", "MathDataError", "ScoringPool", "extract_boxed", "is_equal", "is_equiv", "math_reward",
-    "read_math_jsonl", "score_math_batch", "close_shared_pools",
+    "read_math_jsonl", "score_math_batch", "close_shared_pools", "warm_up", "PoolResult",
 ]
 
 MODES = ("math_verify", "legacy")
@@ -81,208 +74,6 @@ def extract_boxed(text: str) -> str | None:
                 return text[start + len(_BOX):i]
         i += 1
     return None
-
-
-# ------------------------------------------------------------------------------------------ legacy: MATH normalisation
-
-def _fix_fracs(s: str) -> str:
-    """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{7}`` -> ``\\frac{1}{7}``; an empty remainder after ``\\frac`` raises
-    IndexError (the reference does too, and is_equiv then falls back to raw equality)."""
-    head, *rest = s.split("\\frac")
-    out = [head]
-    for part in rest:
-        out.append("\\frac")
-        if part[0] == "{":
-            out.append(part)
-            continue
-        if len(part) < 2:
-            return s
-        a, b, tail = part[0], part[1], part[2:]
-        out.append("{" + a + "}" + b + tail if b == "{" else "{" + a + "}{" + b + "}" + tail)
-    return "".join(out)
-
-
-def _fix_a_slash_b(s: str) -> str:
-    """``3/4`` (two plain integers, nothing else) -> ``\\frac{3}{4}``."""
-    parts = s.split("/")
-    if len(parts) != 2:
-        return s
-    try:
-        a, b = int(parts[0]), int(parts[1])
-    except ValueError:
-        return s
-    if s != f"{a}/{b}":
-        return s
-    return "\\frac{" + str(a) + "}{" + str(b) + "}"
-
-
-def _remove_right_units(s: str) -> str:
-    """Drop a trailing ``\\text{ unit}``; two such groups raise ValueError like the reference's assert."""
-    if "\\text{ " not in s:
-        return s
-    parts = s.split("\\text{ ")
-    if len(parts) != 2:
-        raise ValueError("more than one '\\text{ ' group")
-    return parts[0]
-
-
-def _fix_sqrt(s: str) -> str:
-    """``\\sqrt3`` -> ``\\sqrt{3}``; a trailing bare ``\\sqrt`` raises IndexError (as in the reference)."""
-    if "\\sqrt" not in s:
-        return s
-    head, *rest = s.split("\\sqrt")
-    out = [head]
-    for part in rest:
-        out.append("\\sqrt" + part if part[0] == "{" else "\\sqrt{" + part[0] + "}" + part[1:])
-    return "".join(out)
-
-
-def _strip_string(s: str) -> str:
-    """The MATH dataset's answer normalisation, step for step as the reference's ``_strip_string`` (spec §3.1)."""
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
-    s = s.replace("\\$", "").replace("$", "").replace(",", "")
-    s = _remove_right_units(s)
-    s = s.replace("\\%", "")
-    s = s.replace(" .", " 0.").replace("{.", "{0.")
-    if not s:
-        return s
-    if s[0] == ".":
-        s = "0" + s
-    sides = s.split("=")
-    if len(sides) == 2 and len(sides[0]) <= 2:   # "k = 3" -> " 3" (lhs of at most 2 chars, spaces included)
-        s = sides[1]
-    s = _fix_sqrt(s)
-    s = s.replace(" ", "")
-    s = _fix_fracs(s)
-    if s == "0.5":
-        s = "\\frac{1}{2}"
-    return _fix_a_slash_b(s)
-
-
-def is_equiv(pred: str | None, gold: str | None) -> bool:
-    """The reference's first test: normalise both, equal as floats if both parse, else as strings.
-
-    A normalisation error (malformed ``\\sqrt``/``\\frac``, two unit groups) falls back to raw string equality.
-    """
-    if pred is None or gold is None:
-        return pred is None and gold is None
-    try:
-        a, b = _strip_string(pred), _strip_string(gold)
-    except (IndexError, ValueError):
-        return pred == gold
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
-
-
-# --------------------------------------------------------------------------- legacy: repetitiveness guard and sympy
-
-def _lcp_sum(s: str) -> int:
-    """Sum of the LCP array of `s` (prefix-doubling suffix array + Kasai), the quantity the reference's
-    ``repeatness`` thresholds. Doubling runs until every rank is distinct (the reference stops at a fixed length,
-    which can leave ties for strings like 'a'*129; the sum differs only in such degenerate cases)."""
-    n = len(s)
-    if n <= 1:
-        return 0
-    order = {c: i for i, c in enumerate(sorted(set(s)))}
-    rank = [order[c] for c in s]
-    k = 1
-    while True:
-        keys = list(zip_longest(rank, rank[k:], fillvalue=-1))
-        uniq = {key: i for i, key in enumerate(sorted(set(keys)))}
-        rank = [uniq[key] for key in keys]
-        if len(uniq) == n or k >= n:
-            break
-        k <<= 1
-    sa = [0] * n
-    for i, r in enumerate(rank):
-        sa[r] = i
-    total, h = 0, 0
-    for i in range(n):
-        if rank[i] == n - 1:
-            h = 0
-            continue
-        j = sa[rank[i] + 1]
-        while i + h < n and j + h < n and s[i + h] == s[j + h]:
-            h += 1
-        total += h
-        if h:
-            h -= 1
-    return total
-
-
-def is_repetitive(s: str) -> bool:
-    """The reference's ``repeatness``: mean LCP over suffix pairs, 2·ΣLCP / (n(n+1)) > 0.2 (degenerate output)."""
-    n = len(s)
-    return n > 1 and _lcp_sum(s) * 2 / (n * (n + 1)) > 0.2
-
-
-_MINERVA_SUBSTITUTIONS = (
-    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
-    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
-)
-_MINERVA_REMOVED = (
-    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "\\ldots", "sue",
-    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges",
-    "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2",
-    "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"',
-    "\\dots",
-)
-
-
-def normalize_final_answer(ans: str) -> str:
-    """Minerva's answer normalisation (Lewkowycz et al. 2022, p. 18), as the reference uses it for its sympy retry."""
-    for before, after in _MINERVA_SUBSTITUTIONS:
-        ans = ans.replace(before, after)
-    for expr in _MINERVA_REMOVED:
-        ans = ans.replace(expr, "")
-    ans = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", ans)
-    ans = re.sub(r"(\\text\{)(.*?)(\})", "\\2", ans)
-    ans = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", ans)
-    ans = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", ans)
-    ans = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", ans)
-    ans = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", ans)
-    ans = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", ans)
-    ans = ans.replace("$", "")
-    if ans.replace(",", "").isdigit():
-        ans = ans.replace(",", "")
-    return ans
-
-
-def _latex_eval(latex: str):
-    """(sympy object, its evalf()) of a LaTeX string.
-
-    The reference calls ``sympy.parsing.latex.parse_latex``, whose ANTLR grammar needs antlr4-python3-runtime 4.11;
-    the pinned math-verify stack (latex2sympy2_extended 1.11) needs 4.13, and the two cannot be installed together
-    (with 4.13, ``parse_latex`` raises ImportError on every call, which would silently turn the legacy sympy step
-    into a string comparison). So the legacy mode parses with ``latex2sympy2_extended.latex2sympy`` (same ANTLR
-    approach, maintained grammar, default normalisation), the parser math-verify itself uses."""
-    from latex2sympy2_extended import latex2sympy
-    sym = latex2sympy(latex)
-    return sym, sym.evalf()
-
-
-def _sympy_equal(a: str, b: str) -> bool:
-    """The reference's ``_is_latex_equal``: equal sympy objects or equal numeric values; on any failure or mismatch,
-    retry on Minerva-normalised strings; if that retry fails to parse, compare the normalised strings."""
-    try:
-        sa, va = _latex_eval(a)
-        sb, vb = _latex_eval(b)
-        if sa == sb or va == vb:
-            return True
-    except Exception:  # noqa: BLE001 - parse_latex raises many types; any failure means "try the retry"
-        pass
-    na, nb = normalize_final_answer(a), normalize_final_answer(b)
-    try:
-        sa, va = _latex_eval(na)
-        sb, vb = _latex_eval(nb)
-        return bool(sa == sb or va == vb)
-    except Exception:  # noqa: BLE001
-        return na == nb
 
 
 # ------------------------------------------------------------------------------------------------------- time limit
@@ -372,6 +163,12 @@ def _warm_legacy() -> None:
         _LEGACY_READY = True
 
 
+def warm_up() -> None:
+    """Import and warm math-verify and the legacy parser (scoring_pool's workers call it before they report ready)."""
+    _math_verify()
+    _warm_legacy()
+
+
 def _wrap_for_math_verify(ans: str) -> str:
     """math-verify's LaTeX extractor looks for ``\\boxed{}`` or ``$..$``; a bare answer string is boxed, one that
     already carries its own ``\\boxed`` or ``$`` delimiters is passed as is."""
@@ -436,288 +233,6 @@ def math_reward(response: str, answer: str, *, mode: str = "math_verify", n_toke
     if pred is None or not pred.strip():
         return 0.0
     return 1.0 if is_equal(pred, str(answer), mode, timeout_s) else 0.0
-
-
-# ---------------------------------------------------------------------------------------------------- worker pool
-
-_THIS_MODULE = __name__
-_THIS_FILE = os.path.abspath(__file__)
-_DEFAULT_SCORER = f"{_THIS_MODULE}:math_reward"
-
-# Runs in the worker: load this file as a standalone module (no package __init__, hence no jax), then serve.
-_WORKER_BOOT = (
-    "import importlib.util, json, sys\n"
-    "sys.path[:] = json.loads(sys.argv[1])\n"
-    "spec = importlib.util.spec_from_file_location('_dlmjax_math_reward_worker', sys.argv[2])\n"
-    "mod = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = mod\n"
-    "spec.loader.exec_module(mod)\n"
-    "mod._worker_main(int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], int(sys.argv[7]))\n"
-)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: ask the kernel to SIGKILL this worker when its parent dies, so a crashed trainer leaves no orphan (even
-    one stuck mid-sample, which would never read the pipe's EOF). The kernel ties this to the parent *thread* that
-    started the worker: a pool made in a thread that then exits loses its idle workers, which map() replaces."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:      # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _resolve_scorer(spec: str, this_module_name: str, own_globals: dict):
-    """``"module:function"`` -> the callable; this module's own name resolves to the standalone copy in the worker."""
-    mod_name, _, fn_name = spec.partition(":")
-    if not fn_name:
-        raise ValueError(f"scorer {spec!r} must look like 'module:function'")
-    if mod_name == this_module_name:
-        return own_globals[fn_name]
-    return getattr(importlib.import_module(mod_name), fn_name)
-
-
-def _worker_main(rfd: int, wfd: int, scorer: str, this_module_name: str, parent_pid: int) -> None:
-    """Worker loop: after loading the scorer (and warming sympy/math-verify) send ("ready", pid); then for each
-    ("call", idx, args, kwargs) reply ("ok", idx, value) or ("err", idx, message); exit on None or a closed pipe.
-    Runs the scorer in the main thread so the signal-based 1 s comparison limit applies."""
-    from multiprocessing.connection import Connection
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle; it then closes the pool
-    _die_with_parent(parent_pid)
-    rx, tx = Connection(rfd, writable=False), Connection(wfd, readable=False)
-    fn = _resolve_scorer(scorer, this_module_name, globals())
-    if scorer.startswith(this_module_name + ":"):   # pay the import/warm-up before "ready", not in a sample's time
-        _math_verify()
-        _warm_legacy()
-    tx.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = rx.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        _, idx, args, kwargs = msg
-        try:
-            tx.send(("ok", idx, float(fn(*args, **kwargs))))
-        except Exception as e:  # noqa: BLE001 - a raising scorer costs its sample only; the parent counts it
-            tx.send(("err", idx, f"{type(e).__name__}: {e}"[:500]))
-
-
-@dataclass
-class _Worker:
-    proc: subprocess.Popen
-    rx: object             # Connection: worker -> parent
-    tx: object             # Connection: parent -> worker
-    started: float
-    ready: bool = False
-    task: int | None = None
-    deadline: float = 0.0
-
-
-@dataclass
-class PoolResult:
-    """What :meth:`ScoringPool.map` returns: values in input order (0.0 for failures) and the failures as
-    (index, reason) pairs, e.g. (7, "timed out after 5.0 s")."""
-    values: list[float]
-    failures: list[tuple[int, str]] = field(default_factory=list)
-
-
-def _kill_and_reap(procs) -> None:
-    """SIGKILL and wait for each still-running process (used by close() and by the finaliser)."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                p.kill()
-            except OSError:
-                pass
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-class ScoringPool:
-    """A pool of reward-scoring worker processes with a per-sample time limit.
-
-    ``scorer`` names a module-level function as ``"module:function"`` (default: this module's :func:`math_reward`);
-    each sample is ``scorer(*args, **kwargs)`` and must return a float. Workers are separate interpreters started with
-    ``subprocess`` (not fork, so nothing of the trainer's jax state is inherited), given the parent's ``sys.path``,
-    and load only this file before the scorer's module. They live until :meth:`close` (or the end of a ``with``
-    block, or interpreter exit), so start-up is paid once.
-
-    Failure handling, per sample: the scorer raising -> 0.0, counted, worker kept; the worker dying -> 0.0, counted,
-    worker replaced; no answer within ``timeout_s`` of being handed out -> worker SIGKILLed and replaced, 0.0, counted.
-    Other samples are unaffected. A worker that dies before it is ready is retried; `start_retries` consecutive start
-    failures raise RuntimeError (a broken environment, not a bad sample).
-    """
-
-    def __init__(self, workers: int = 2, timeout_s: float = 10.0, scorer: str = _DEFAULT_SCORER,
-                 start_timeout_s: float = 120.0, start_retries: int = 3):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.n_workers, self.timeout_s, self.scorer = workers, float(timeout_s), scorer
-        self.start_timeout_s, self.start_retries = start_timeout_s, start_retries
-        self._workers: list[_Worker] = []
-        self._procs: list[subprocess.Popen] = []      # every process ever started (for the finaliser and pids())
-        self._lock = threading.Lock()
-        self._closed = False
-        self._finalizer = weakref.finalize(self, _kill_and_reap, self._procs)
-
-    # -- process management
-    def _spawn(self) -> _Worker:
-        from multiprocessing.connection import Connection
-        c_r, p_w = os.pipe()     # parent -> child
-        p_r, c_w = os.pipe()     # child -> parent
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOT, json.dumps(sys.path), _THIS_FILE, str(c_r), str(c_w),
-                 self.scorer, _THIS_MODULE, str(os.getpid())],
-                pass_fds=(c_r, c_w), stdin=subprocess.DEVNULL, close_fds=True)
-        finally:
-            os.close(c_r)
-            os.close(c_w)
-        self._procs.append(proc)
-        return _Worker(proc, Connection(p_r, writable=False), Connection(p_w, readable=False), time.monotonic())
-
-    def _retire(self, w: _Worker) -> None:
-        if w.proc.poll() is None:
-            w.proc.kill()
-        w.proc.wait()
-        for c in (w.rx, w.tx):
-            c.close()
-        self._procs.remove(w.proc)
-
-    def start(self) -> ScoringPool:
-        """Launch any missing workers without waiting for them (their ~0.4 s start-up then overlaps with whatever
-        the caller does next, e.g. the first rollouts); map() waits for readiness. Returns the pool."""
-        if self._closed:
-            raise RuntimeError("this ScoringPool is closed")
-        with self._lock:
-            while len(self._workers) < self.n_workers:
-                self._workers.append(self._spawn())
-        return self
-
-    def pids(self) -> list[int]:
-        """Process ids of the live workers (for tests and diagnostics)."""
-        return [w.proc.pid for w in self._workers]
-
-    # -- scoring
-    def map(self, calls, timeout_s: float | None = None) -> PoolResult:
-        """Score ``calls``, a sequence of (args, kwargs) pairs, in parallel; values come back in input order."""
-        if self._closed:
-            raise RuntimeError("this ScoringPool is closed")
-        limit = self.timeout_s if timeout_s is None else float(timeout_s)
-        from multiprocessing.connection import wait as mp_wait
-        calls = list(calls)
-        values = [0.0] * len(calls)
-        failures: list[tuple[int, str]] = []
-        queue = collections.deque(range(len(calls)))
-        with self._lock:
-            try:
-                while len(self._workers) < self.n_workers:
-                    self._workers.append(self._spawn())
-                start_failures = 0
-                while queue or any(w.task is not None for w in self._workers):
-                    for w in list(self._workers):
-                        if w.ready and w.task is None and queue:
-                            idx = queue.popleft()
-                            args, kwargs = calls[idx]
-                            try:
-                                w.tx.send(("call", idx, tuple(args), dict(kwargs)))
-                            except (BrokenPipeError, OSError):
-                                queue.appendleft(idx)     # the worker died while idle: not the sample's fault
-                                self._replace(w)
-                                continue
-                            w.task, w.deadline = idx, time.monotonic() + limit
-                    now = time.monotonic()
-                    deadlines = [w.deadline if w.task is not None else w.started + self.start_timeout_s
-                                 for w in self._workers if w.task is not None or not w.ready]
-                    wait_s = max(0.0, min(deadlines) - now) if deadlines else None
-                    for rx in mp_wait([w.rx for w in self._workers], timeout=wait_s):
-                        w = next(w for w in self._workers if w.rx is rx)
-                        try:
-                            msg = rx.recv()
-                        except (EOFError, OSError):
-                            msg = None
-                        if msg is None:                    # the worker died
-                            code = w.proc.wait()
-                            if w.task is not None:
-                                failures.append((w.task, f"worker exited with code {code}"))
-                            elif not w.ready:
-                                start_failures += 1
-                                if start_failures >= self.start_retries:
-                                    raise RuntimeError(f"reward workers fail to start (scorer {self.scorer!r}, "
-                                                       f"last exit code {code}); see the worker's stderr above")
-                            self._replace(w)
-                        elif msg[0] == "ready":
-                            w.ready, start_failures = True, 0
-                        else:
-                            kind, idx, payload = msg
-                            if kind == "ok":
-                                values[idx] = payload
-                            else:
-                                failures.append((idx, payload))
-                            w.task = None
-                    now = time.monotonic()
-                    for w in list(self._workers):
-                        if w.task is not None and now >= w.deadline:
-                            failures.append((w.task, f"timed out after {limit:g} s"))
-                            self._replace(w)
-                        elif not w.ready and w.task is None and now >= w.started + self.start_timeout_s:
-                            raise RuntimeError(f"a reward worker did not start within {self.start_timeout_s:g} s")
-            except BaseException:
-                # an error (or Ctrl-C) mid-batch: in-flight answers would otherwise reach the next call
-                self._reset()
-                raise
-        failures.sort()
-        return PoolResult(values, failures)
-
-    def _reset(self) -> None:
-        """Kill and reap every worker (the next map() starts fresh ones)."""
-        for w in self._workers:
-            self._retire(w)
-        self._workers.clear()
-
-    def _replace(self, w: _Worker) -> None:
-        i = self._workers.index(w)
-        self._retire(w)
-        self._workers[i] = self._spawn()
-
-    # -- shutdown
-    def close(self) -> None:
-        """Stop every worker (ask, then SIGKILL after 2 s) and reap it; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:
-            for w in self._workers:
-                try:
-                    w.tx.send(None)
-                except (BrokenPipeError, OSError):
-                    pass
-            deadline = time.monotonic() + 2.0
-            for w in self._workers:
-                try:
-                    w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            for w in self._workers:
-                self._retire(w)
-            self._workers.clear()
-        self._finalizer.detach()
-
-    def __enter__(self) -> ScoringPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 _SHARED: dict[int, ScoringPool] = {}
@@ -840,7 +355,7 @@ def _bench_samples(n: int, group: int = 8) -> tuple[list[str], list[str]]:
             (f"{k * 7}", f"{k * 7}.0", f"{k * 7 + 1}"),
             (f"{k}\\sqrt{{3}}", f"\\sqrt{{{3 * k * k}}}", f"{k}\\sqrt{{2}}"),
             (f"[0, {k})", f"[0,{k})", f"(0, {k}]"),
-            (f"\\{{1, {k}\\}}", f"\\{{{k},1\\}}", f"\\{{1\\}}"),
+            (f"\\{{1, {k}\\}}", f"\\{{{k},1\\}}", "\\{1\\}"),
             (f"x^2+{k}x", f"{k}x+x^2", f"x^2-{k}x"),
             (f"{k}\\pi", f"\\pi \\cdot {k}", f"{k + 1}\\pi"),
             (f"{k}000", f"{k},000", f"{k}00"),
