@@ -46,11 +46,16 @@ class DemoConfig:
         if self.gen_length < 2 * self.max_digits + 4:
             raise ValueError(f"demo: gen_length={self.gen_length} cannot hold a {self.max_digits}-digit worked answer "
                              f"(--demo_digits at most {(self.gen_length - 4) // 2})")
+
+    def check_data(self):
+        """The demo's splits fit the problem space (a separate check: tests build small-digit configs for their
+        model and tokenizer only)."""
         drawable = (10 ** self.max_digits) ** 2 // 2  # addition.make_splits draws at most half the problem space
         if self.n_train + self.n_test > drawable:
             raise ValueError(f"demo: max_digits={self.max_digits} (--demo_digits) allows {drawable} distinct "
                              f"problems, fewer than the {self.n_train} train + {self.n_test} held-out the demo draws; "
                              "use 3 or more digits")
+        return self
 
     @property
     def max_length(self) -> int:

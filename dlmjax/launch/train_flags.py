@@ -93,7 +93,7 @@ def demo_config():
         kw["batch_size"] = F.batch_size
     if F["lr"].present:
         kw["lr"] = F.lr
-    return usage(lambda: DemoConfig(**kw))
+    return usage(lambda: DemoConfig(**kw).check_data())
 
 
 def run_demo() -> int:
