@@ -65,11 +65,11 @@ flags.DEFINE_bool("resume", True, "sft: continue from the last checkpoint in --w
 flags.DEFINE_bool("export", True, "sft: write <workdir>/final (dlmjax checkpoint, LoRA merged) at the end.")
 flags.DEFINE_bool("tensorboard", True, "sft: TensorBoard event file under <workdir>/tb.")
 flags.DEFINE_integer("stop_at", 0, "sft: save and leave after this step (as a preemption would).", lower_bound=0)
-flags.DEFINE_bool("distributed", False, "sft: jax.distributed.initialize() first (TPU pod slices / SLURM auto-detect; "
+flags.DEFINE_bool("distributed", False, "sft / rl: jax.distributed.initialize() first (TPU pod slices / SLURM auto-detect; "
                                         "--coordinator etc. for explicit set-ups).")
-flags.DEFINE_string("coordinator", None, "sft: coordinator host:port for --distributed.")
-flags.DEFINE_integer("num_processes", None, "sft: processes for --distributed.")
-flags.DEFINE_integer("process_id", None, "sft: this process's id for --distributed.")
+flags.DEFINE_string("coordinator", None, "sft / rl: coordinator host:port for --distributed.")
+flags.DEFINE_integer("num_processes", None, "sft / rl: processes for --distributed.")
+flags.DEFINE_integer("process_id", None, "sft / rl: this process's id for --distributed.")
 
 SFT_FLAGS = ("workdir", "train_steps", "init_ckpt", "data", "max_length", "epochs", "truncation", "skip_malformed",
              "param_dtype", "compute_dtype", "remat", "objective", "time_eps", "mask_schedule", "loss_weight",
