@@ -65,8 +65,8 @@ flags.DEFINE_bool("resume", True, "sft: continue from the last checkpoint in --w
 flags.DEFINE_bool("export", True, "sft: write <workdir>/final (dlmjax checkpoint, LoRA merged) at the end.")
 flags.DEFINE_bool("tensorboard", True, "sft: TensorBoard event file under <workdir>/tb.")
 flags.DEFINE_integer("stop_at", 0, "sft: save and leave after this step (as a preemption would).", lower_bound=0)
-flags.DEFINE_bool("distributed", False, "sft / rl: jax.distributed.initialize() first (TPU pod slices / SLURM auto-detect; "
-                                        "--coordinator etc. for explicit set-ups).")
+flags.DEFINE_bool("distributed", False, "sft / rl: jax.distributed.initialize() first (TPU pod slices / SLURM "
+                                        "auto-detect; --coordinator etc. for explicit set-ups).")
 flags.DEFINE_string("coordinator", None, "sft / rl: coordinator host:port for --distributed.")
 flags.DEFINE_integer("num_processes", None, "sft / rl: processes for --distributed.")
 flags.DEFINE_integer("process_id", None, "sft / rl: this process's id for --distributed.")
