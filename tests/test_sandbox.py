@@ -23,6 +23,7 @@ import warnings
 import pytest
 
 from dlmjax.rewards import sandbox as S
+from dlmjax.rewards import sandbox_launcher as SL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.geteuid() != 0:
@@ -70,6 +71,16 @@ def test_runs_program_with_stdin_and_exit_status(pool):
     assert r.returncode == 1 and b"ValueError: boom" in r.stderr and not r.ok
 
 
+def test_site_free_interpreter_keeps_exit_quit_and_the_stdlib(pool):
+    # python3 -I -S: the bootstrap restores the builtins site would add; the standard library imports; the host's
+    # dist-packages (and their .pth files) stay out of the sandbox.
+    res = pool.map(["exit(3)", "quit()", "exit('bye')",
+                    "import sys, json, re, math, random, hashlib, decimal, collections, itertools\n"
+                    "print(sys.flags.no_site, any('packages' in p for p in sys.path), callable(help))"])
+    assert [r.returncode for r in res] == [3, 0, 1, 0] and res[2].stderr == b"bye\n", res
+    assert res[3].stdout == b"1 False True\n", res[3]
+
+
 def test_sees_only_the_bound_system_view(pool):
     r = run(pool, """
         import os
@@ -102,7 +113,8 @@ def test_infinite_loop_times_out(pool):
 
 
 def test_cpu_rlimit_kills_a_busy_program(pool):
-    r = run(pool, "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True: pass")
+    # 2 s of CPU; the deadline leaves room for a loaded machine (2 shared cores) to give it that much
+    r = run(pool, "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True: pass", timeout_s=10)
     assert r.cpu_limited and r.returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and not r.timed_out
     after(pool)
 
@@ -316,6 +328,9 @@ def test_pool_close_kills_running_programs():
     while not S.uid_processes(p.uids) and time.monotonic() < t_end:
         time.sleep(0.02)
     assert S.uid_processes(p.uids), "the programs never started"
+    # each outer bwrap is a child of the pool's launcher helper: this (the trainer) process forks no program
+    ppids = {_ppid(pid) for pid in S.uid_processes(p.uids)}
+    assert p._launcher.pid in ppids and os.getpid() not in ppids, (ppids, p._launcher.pid)
     t0 = time.monotonic()
     p.close()
     assert time.monotonic() - t0 < 10 and S.uid_processes(p.uids) == []
@@ -327,30 +342,56 @@ def test_pool_close_kills_running_programs():
 
 @pytest.mark.slow
 def test_no_process_survives_the_trainer_being_killed(tmp_path):
-    uid_base = UID_BASE + 200
     script = tmp_path / "trainer.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {ROOT!r})
         from dlmjax.rewards.sandbox import SandboxPool, SandboxLimits
-        pool = SandboxPool(2, SandboxLimits(timeout_s=120), uid_base={uid_base}, uids_per_worker=2)
-        futs = [pool.submit("import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(300)\\n"
-                            "time.sleep(300)") for _ in range(2)]
-        print('submitted', flush=True)
+        daemon = ("import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(300)\\n"
+                  "time.sleep(300)")
+        pools = [SandboxPool(2, SandboxLimits(timeout_s=120), uid_base={UID_BASE + 200}, uids_per_worker=2)
+                 for _ in range(2)]
+        futs = [p.submit(daemon) for p in pools for _ in range(2)]
+        for p in pools:
+            print(p._launcher.pid, *p.uids, flush=True)
         time.sleep(300)
     """))
-    uids = range(uid_base, uid_base + 4)
     trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
-        assert trainer.stdout.readline().strip() == "submitted"
+        (helper_a, *uids_a), (helper_b, *uids_b) = [map(int, trainer.stdout.readline().split()) for _ in range(2)]
+        uids = uids_a + uids_b
         t_end = time.monotonic() + 15
-        while len(S.uid_processes(uids)) < 6 and time.monotonic() < t_end:
+        while len(S.uid_processes(uids)) < 12 and time.monotonic() < t_end:
             time.sleep(0.05)
-        assert len(S.uid_processes(uids)) >= 6, "the sandboxes never started"
+        assert len(S.uid_processes(uids)) >= 12, "the sandboxes never started"
     finally:
+        # Pool b's helper dies with the trainer, by SIGKILL: nothing but the parent-death signals (helper -> outer
+        # bwrap -> program) can clean up after it. Pool a's helper sees the trainer's end (EOF) and kills its runs.
+        os.kill(helper_b, signal.SIGKILL)
         trainer.kill()
         trainer.wait()
     assert S._wait_uid_clear(uids, timeout=10.0) == [], "sandbox processes outlived the killed trainer"
+    t_end = time.monotonic() + 10
+    while _alive(helper_a) and time.monotonic() < t_end:
+        time.sleep(0.05)
+    assert not _alive(helper_a), "the launcher helper outlived the killed trainer"
+
+
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _alive(pid):
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_eagain_starts_are_retried_not_reported_as_failures():
@@ -383,6 +424,116 @@ def test_eagain_starts_are_retried_not_reported_as_failures():
         box.close()
 
 
+# --------------------------------------------------------------------------------------------------- uid claims
+
+def test_pools_get_disjoint_uids_and_a_closed_pools_uids_are_reused():
+    base = UID_BASE + 700
+    a = S.SandboxPool(1, LIMITS, uid_base=base, uids_per_worker=2)
+    b = S.SandboxPool(1, LIMITS, uid_base=base, uids_per_worker=2)
+    try:
+        assert a.uids == [base, base + 1] and b.uids == [base + 2, base + 3], (a.uids, b.uids)
+        with pytest.raises(S.SandboxUnavailable, match=f"uid {base + 2} is in use"):
+            S.Sandbox(LIMITS, uids=[base + 2])  # explicit uids are claimed too
+        a.close()
+        with S.SandboxPool(1, LIMITS, uid_base=base, uids_per_worker=2) as c:
+            assert c.uids == [base, base + 1]  # the range a released
+            r = c.map(["import os\nprint(os.getuid())"])[0]
+            assert r.ok and int(r.stdout) in c.uids, r
+    finally:
+        a.close()
+        b.close()
+
+
+def test_uid_claims_are_exclusive_across_processes_and_skip_busy_uids():
+    base = UID_BASE + 800
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from dlmjax.rewards import sandbox as S; "
+         f"lease = S.claim_uids(3, {base}); print(*lease.uids, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sleeper = None
+    try:
+        assert holder.stdout.readline().split() == [str(base + k) for k in range(3)]
+        lease = S.claim_uids(2, base)  # the other process holds base..base+2
+        assert lease.uids == [base + 3, base + 4]
+        lease.release()
+        # a uid that runs a process (of whoever: nobody holds its lock) is skipped too
+        sleeper = subprocess.Popen(["/bin/sleep", "30"], user=base + 4, group=base + 4, extra_groups=[])
+        lease = S.claim_uids(2, base)
+        assert lease.uids == [base + 5, base + 6]
+        lease.release()
+    finally:
+        holder.kill()
+        holder.wait()
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+    lease = S.claim_uids(2, base)  # a dead process's claims die with it
+    assert lease.uids == [base, base + 1]
+    lease.release()
+
+
+def test_a_timeout_in_one_pool_does_not_touch_another_pools_program():
+    base = UID_BASE + 900
+    with S.SandboxPool(1, LIMITS, uid_base=base, uids_per_worker=1) as a, \
+            S.SandboxPool(1, LIMITS, uid_base=base, uids_per_worker=1) as b:
+        fb = b.submit("import time\nprint('up', flush=True)\ntime.sleep(1.0)\nprint('alive')")
+        t_end = time.monotonic() + 10
+        while len(S.uid_processes(b.uids)) < 2 and time.monotonic() < t_end:  # outer bwrap + the program
+            time.sleep(0.01)
+        ra = a.submit("while True: pass", b"", 0.3).result()
+        assert ra.timed_out
+        rb = fb.result()
+        assert rb.ok and rb.stdout == b"up\nalive\n", (a.uids, b.uids, rb)
+
+
+def test_an_unsafe_uid_lock_directory_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anybody could plant or hold lock files there
+    monkeypatch.setattr(SL, "LOCK_DIRS", (str(shared),))
+    with pytest.raises(S.SandboxUnavailable, match="lock directory .* group/other write"):
+        S.claim_uids(1, UID_BASE + 1100)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    monkeypatch.setattr(SL, "LOCK_DIRS", (str(link),))
+    with pytest.raises(S.SandboxUnavailable, match="not a directory owned"):
+        S.claim_uids(1, UID_BASE + 1100)
+    monkeypatch.setattr(SL, "LOCK_DIRS", (str(tmp_path / "fresh"),))
+    lease = S.claim_uids(1, UID_BASE + 1100)
+    assert oct(os.stat(tmp_path / "fresh").st_mode & 0o777) == "0o700" and lease.uids == [UID_BASE + 1100]
+    lease.release()
+
+
+# --------------------------------------------------------------------------------------------------- the launcher
+
+def test_a_program_that_outlives_a_dead_launcher_is_killed_and_the_launcher_restarts(tmp_path):
+    # A stand-in for a namespace pid 1 still inside bwrap's set-up (its --die-with-parent not armed yet) when the
+    # helper dies: a "bwrap" that runs the program in the background, so the program survives its parent's death.
+    # The trainer must notice that the helper stopped reporting and kill the run's uid, not wait for the deadline;
+    # the next run starts a fresh helper. (The real bwrap's behaviour on a dead helper: the trainer-killed test.)
+    fake = _fake_bwrap(tmp_path, 'while [ "$1" != /usr/bin/python3 ]; do shift; done\n'
+                                 'exec 3<&0\n"$@" <&3 3<&- &\nwait\n')  # (fd 3: sh gives a background job /dev/null)
+    box = S.Sandbox(LIMITS.replace(timeout_s=60), bwrap=fake, uids=[UID_BASE + 1250], probe=False)
+    try:
+        out = []
+        th = threading.Thread(target=lambda: out.append(box.run("import time\ntime.sleep(60)")))
+        th.start()
+        t_end = time.monotonic() + 10
+        while not (box._live and len(S.uid_processes(box.uids)) >= 2) and time.monotonic() < t_end:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        old = box._launcher.pid
+        os.kill(old, signal.SIGKILL)
+        th.join(15)
+        assert out and not out[0].ok and time.monotonic() - t0 < 12, out
+        assert S._wait_uid_clear(box.uids, timeout=10.0) == []
+        r = box.run("print(6 * 7)")
+        assert r.ok and r.stdout == b"42\n" and box._launcher.pid != old, r
+    finally:
+        box.close()
+
+
 # --------------------------------------------------------------------------------------------------- refusals
 
 def _fake_bwrap(tmp_path, body):
@@ -395,7 +546,7 @@ def _fake_bwrap(tmp_path, body):
 def test_kernel_refusing_namespaces_raises_and_never_runs_the_program(tmp_path):
     marker = tmp_path / "ran"
     # A bwrap that fails like a kernel without unprivileged user namespaces (and would leave a trace if it ran).
-    fake = _fake_bwrap(tmp_path, f'echo "bwrap: No permissions to create new namespace" >&2\nexit 1\n')
+    fake = _fake_bwrap(tmp_path, 'echo "bwrap: No permissions to create new namespace" >&2\nexit 1\n')
     with pytest.raises(S.SandboxUnavailable, match="cannot start a sandbox here .bwrap: No permissions to create"):
         S.Sandbox(LIMITS, bwrap=fake, uids=[UID_BASE + 400])
     with pytest.raises(S.SandboxUnavailable, match="No permissions"):
@@ -404,6 +555,15 @@ def test_kernel_refusing_namespaces_raises_and_never_runs_the_program(tmp_path):
     # And a bwrap that "succeeds" without running anything is no sandbox either.
     with pytest.raises(S.SandboxUnavailable):
         S.Sandbox(LIMITS, bwrap=_fake_bwrap(tmp_path, "exit 0\n"), uids=[UID_BASE + 400])
+
+
+def test_bad_limits_are_clear_errors():
+    with pytest.raises(ValueError, match="nproc must be > 0"):
+        S.SandboxLimits(nproc=0)
+    # an rlimit the launcher cannot set (above the hard limit) is reported with its name, and nothing runs
+    with pytest.raises(S.SandboxUnavailable, match=r"setrlimit\(RLIMIT_NOFILE, 1099511627776.*not allowed"):
+        S.Sandbox(LIMITS.replace(open_files=1 << 40), uids=[UID_BASE + 1400])
+    S.claim_uids(uids=[UID_BASE + 1400]).release()  # the failed sandbox released its uid
 
 
 def test_missing_bwrap_binary_is_a_clear_error(tmp_path):
