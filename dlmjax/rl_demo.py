@@ -15,6 +15,12 @@
 
 Everything is a function of the seed. A rerun reuses the SFT checkpoint and every finished RL run (its history is
 saved as <workdir>/rl_<method>/history.json, keyed by the run's settings); an unfinished RL run starts again.
+
+Variants, each in its own subdirectory of the workdir (RLDemoConfig.out_dir) with its own SFT checkpoint, so the
+default demo's files are never replaced: block_size = 12 (`k12/`: the whole response is one block, the model's
+block-causal attention, the SFT, the decoders and the RL rows all at K = 12) and a decaying SFT learning rate
+(`sft_schedule` cosine | linear: `sft_cosine/`, `k12_sft_linear/`, ...). The SFT step count defaults to the one
+calibrated for (block_size, sft_schedule) (CALIBRATED_SFT_STEPS; bench/rl_demo_calibrate.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ import time
 import numpy as np
 
 METHODS = ("slim", "tracerl", "random")
+SFT_SCHEDULES = ("constant", "cosine", "linear")
+# SFT steps calibrated so that held-out tau-budget accuracy (avg@4, 256 problems, T = 1) lands in 0.3-0.6, per (block
+# size, SFT LR schedule); docs/rl_demo_notes.md has the sweeps (bench/rl_demo_calibrate.py)
+CALIBRATED_SFT_STEPS = {(4, "constant"): 700, (12, "constant"): 650, (4, "cosine"): 700}
 OWN_RULE = {"slim": "tau_budget", "tracerl": "dynamic"}  # random / coupled: RLDemoConfig.random_rule
 EVAL_RULES = ("tau_budget", "dynamic")
 
@@ -45,12 +55,14 @@ class RLDemoConfig:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    block_size: int = 4  # K = S (steps per block = K)
+    block_size: int = 4  # K = S (steps per block = K); 12: the whole response is one block
     # block-diffusion SFT (constant LR after warmup, so a shorter run is exactly a prefix of a longer one)
-    sft_steps: int = 700  # calibrated: held-out tau-budget acc 0.46 (600: 0.13, 650: 0.41, 750: 0.25, 800: 0.61)
+    sft_steps: int = 0  # 0: CALIBRATED_SFT_STEPS[(block_size, sft_schedule)] (K = 4, constant: 700, held-out
+    #                     tau-budget acc 0.46; 600: 0.13, 650: 0.41, 750: 0.25, 800: 0.61)
     sft_batch: int = 64
     sft_lr: float = 2e-3
     sft_warmup: int = 50
+    sft_schedule: str = "constant"  # LR after warmup: constant | cosine (to 0 at sft_steps) | linear (to 0)
     # RL
     methods: tuple = METHODS
     rl_steps: int = 40  # outer steps
@@ -74,6 +86,16 @@ class RLDemoConfig:
     def __post_init__(self):
         def bad(why):
             raise ValueError(f"RLDemoConfig: {why}")
+
+        if self.sft_schedule not in SFT_SCHEDULES:
+            bad(f"sft_schedule={self.sft_schedule!r} is not one of {SFT_SCHEDULES}")
+        if self.sft_steps == 0:
+            n = CALIBRATED_SFT_STEPS.get((self.block_size, self.sft_schedule))
+            if n is None:
+                bad(f"no calibrated SFT step count for block_size={self.block_size}, sft_schedule="
+                    f"{self.sft_schedule!r} (calibrated: {sorted(CALIBRATED_SFT_STEPS)}); give sft_steps "
+                    "(--rl_demo_sft_steps)")
+            object.__setattr__(self, "sft_steps", n)
 
         for f in ("n_train", "n_test", "eval_k", "sft_steps", "sft_batch", "rl_steps", "prompts_per_step",
                   "group_size", "minibatch", "eval_every", "block_size"):
@@ -103,6 +125,29 @@ class RLDemoConfig:
 
     def rule(self, method: str) -> str:
         return OWN_RULE.get(method, self.random_rule)
+
+    @property
+    def variant(self) -> str:
+        """'' for the calibrated K = 4 / constant-LR demo; else e.g. 'k12' or 'sft_cosine' (its own subdirectory)."""
+        parts = ([] if self.block_size == 4 else [f"k{self.block_size}"]) + \
+            ([] if self.sft_schedule == "constant" else [f"sft_{self.sft_schedule}"])
+        return "_".join(parts)
+
+    @property
+    def out_dir(self) -> str:
+        """Where this run's files go: `workdir` for the default demo, `workdir/<variant>` otherwise, so a K = 12 or a
+        decaying-LR run never replaces the default demo's SFT checkpoint or RL runs."""
+        return os.path.join(self.workdir, self.variant) if self.variant else self.workdir
+
+    def sft_settings(self) -> dict:
+        """The SFT checkpoint's identity (its settings.json). sft_schedule only when it is not the default, so the
+        stamps of existing constant-LR checkpoints stay valid."""
+        keys = ("seed", "digits", "n_train", "n_test", "hidden", "layers", "heads", "kv_heads", "block_size",
+                "sft_steps", "sft_batch", "sft_lr", "sft_warmup")
+        out = {k: getattr(self, k) for k in keys}
+        if self.sft_schedule != "constant":
+            out["sft_schedule"] = self.sft_schedule
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,21 +229,43 @@ def make_eval(dc: RLDemoConfig, model_cfg, tok, test: list[dict]):
 # ----------------------------------------------------------------------------------------------------------------------
 # SFT (once) and the RL runs
 
-def sft(dc: RLDemoConfig, tok, train: list[dict], log=print):
-    """(model_cfg, params, seconds): the block-diffusion SFT checkpoint, trained once and reused."""
-    from dlmjax.checkpoint.convert import load_checkpoint
-    from dlmjax.data import addition
+def stopped(summ: dict, what: str):
+    """A run the loop left early (SIGTERM: it saves and returns): stop the demo there, so that it never stamps a partial
+    SFT checkpoint, evaluates it or trains from it, nor records a partial RL run as finished. A rerun starts that
+    piece again."""
+    if summ["status"] != "done":
+        raise SystemExit(f"rl_demo: {what} {summ['status']} at step {summ['step']}; rerun the demo to run it again")
+
+
+def sft_run_config(dc: RLDemoConfig, sft_dir: str, train_path: str, tok_dir: str, save_every: int = 0, keep: int = 1):
+    """The block-diffusion SFT run (save_every 0: one checkpoint at the end; bench/rl_demo_calibrate.py saves more)."""
     from dlmjax.data.pipeline import SFTDataConfig
     from dlmjax.train.config import ObjectiveConfig, OptimConfig
     from dlmjax.train.loop import LoopConfig
-    from dlmjax.train.sft import SFTRunConfig, build_model, run_sft
+    from dlmjax.train.sft import SFTRunConfig
+
+    n = dc.sft_steps
+    return SFTRunConfig(
+        loop=LoopConfig(workdir=sft_dir, steps=n, log_every=max(n // 10, 1), save_every=save_every or n, keep=keep,
+                        resume=False, tensorboard=False, async_save=False),
+        data=SFTDataConfig(path=train_path, max_length=dc.prompt_len + dc.response_len,
+                           global_batch_size=dc.sft_batch, seed=dc.seed),
+        objective=ObjectiveConfig(kind="bd3lm", block_size=dc.block_size, block_noise="block"),
+        optim=OptimConfig(lr=dc.sft_lr, total_steps=n, warmup_steps=min(dc.sft_warmup, n), schedule=dc.sft_schedule,
+                          end_lr_ratio=0.0, weight_decay=0.01),
+        tokenizer_dir=tok_dir)
+
+
+def sft(dc: RLDemoConfig, tok, train: list[dict], log=print, save_every: int = 0, keep: int = 1):
+    """(model_cfg, params, seconds): the block-diffusion SFT checkpoint, trained once and reused."""
+    from dlmjax.checkpoint.convert import load_checkpoint
+    from dlmjax.data import addition
+    from dlmjax.train.sft import build_model, run_sft
 
     cfg = model_config(dc, tok)
-    sft_dir = os.path.join(dc.workdir, "sft")
+    sft_dir = os.path.join(dc.out_dir, "sft")
     final, stamp = os.path.join(sft_dir, "final"), os.path.join(sft_dir, "settings.json")
-    settings = {k: getattr(dc, k) for k in ("seed", "digits", "n_train", "n_test", "hidden", "layers", "heads",
-                                            "kv_heads", "block_size", "sft_steps", "sft_batch", "sft_lr",
-                                            "sft_warmup")}
+    settings = dc.sft_settings()
     if os.path.isdir(final) and os.path.exists(stamp) and json.load(open(stamp)) == settings:
         log(f"rl_demo: reusing the SFT checkpoint {final}")
         _, params = load_checkpoint(final)
@@ -206,21 +273,13 @@ def sft(dc: RLDemoConfig, tok, train: list[dict], log=print):
     t0 = time.perf_counter()
     shutil.rmtree(sft_dir, ignore_errors=True)
     os.makedirs(sft_dir)
-    tok_dir = os.path.join(dc.workdir, "tokenizer")
+    tok_dir = os.path.join(dc.out_dir, "tokenizer")
     tok.save_pretrained(tok_dir)
-    train_path = os.path.join(dc.workdir, "train.jsonl")
+    train_path = os.path.join(dc.out_dir, "train.jsonl")
     addition.write_jsonl(train_path, train)
-    n = dc.sft_steps
-    run = SFTRunConfig(
-        loop=LoopConfig(workdir=sft_dir, steps=n, log_every=max(n // 10, 1), save_every=n, keep=1, resume=False,
-                        tensorboard=False, async_save=False),
-        data=SFTDataConfig(path=train_path, max_length=dc.prompt_len + dc.response_len,
-                           global_batch_size=dc.sft_batch, seed=dc.seed),
-        objective=ObjectiveConfig(kind="bd3lm", block_size=dc.block_size, block_noise="block"),
-        optim=OptimConfig(lr=dc.sft_lr, total_steps=n, warmup_steps=min(dc.sft_warmup, n), schedule="constant",
-                          weight_decay=0.01),
-        tokenizer_dir=tok_dir)
+    run = sft_run_config(dc, sft_dir, train_path, tok_dir, save_every, keep)
     summ = run_sft(run, cfg, build_model(cfg, dc.seed), tok, log=log)
+    stopped(summ, "SFT")
     with open(stamp, "w") as f:
         json.dump(settings, f)
     return cfg, summ["state"]["params"], time.perf_counter() - t0
@@ -230,22 +289,31 @@ def rl_settings(dc: RLDemoConfig, method: str) -> dict:
     keys = ("seed", "digits", "n_train", "n_test", "eval_k", "hidden", "layers", "heads", "kv_heads", "block_size",
             "sft_steps", "sft_batch", "sft_lr", "sft_warmup", "rl_steps", "prompts_per_step", "group_size", "rl_lr",
             "minibatch", "group_filter", "tau", "budget_m", "temperature", "eval_every", "rl_seed_")
-    return {"method": method, "rule": dc.rule(method), **{k: getattr(dc, k) for k in keys}}
+    out = {"method": method, "rule": dc.rule(method), **{k: getattr(dc, k) for k in keys}}
+    if dc.sft_schedule != "constant":
+        out["sft_schedule"] = dc.sft_schedule
+    return out
+
+
+def rl_objective(dc: RLDemoConfig, method: str):
+    """The RL objective of `method` at the demo's K (rows, loss and advantages: the spec defaults)."""
+    from dlmjax.rl.config import RLObjectiveConfig
+
+    return RLObjectiveConfig(objective=method, block_size=dc.block_size, group_filter=dc.group_filter, head_rows=0)
 
 
 def run_method(dc: RLDemoConfig, method: str, model_cfg, params, tok, train: list[dict], eval_fn, log=print) -> dict:
     """One RL run from the SFT params: {"history": per outer step metrics (eval numbers on eval steps), "seconds"}."""
     from dlmjax.rewards.registry import RewardConfig
-    from dlmjax.rl.config import RLObjectiveConfig
     from dlmjax.rl.job import RLRunConfig, run_rl
     from dlmjax.train.config import OptimConfig, StepConfig
     from dlmjax.train.loop import LoopConfig
 
-    wd = os.path.join(dc.workdir, f"rl_{method}")
+    wd = os.path.join(dc.out_dir, f"rl_{method}")
     path, settings = os.path.join(wd, "history.json"), rl_settings(dc, method)
     if os.path.exists(path):
         got = json.load(open(path))
-        if got["settings"] == settings:
+        if got["settings"] == settings and got.get("status") == "done":
             log(f"rl_demo: reusing the finished {method} run ({path})")
             return got
     shutil.rmtree(wd, ignore_errors=True)
@@ -253,8 +321,7 @@ def run_method(dc: RLDemoConfig, method: str, model_cfg, params, tok, train: lis
     run = RLRunConfig(
         loop=LoopConfig(workdir=wd, steps=dc.rl_steps, log_every=1, save_every=dc.rl_steps, keep=1, resume=False,
                         export=False, tensorboard=False, async_save=False),
-        objective=RLObjectiveConfig(objective=method, block_size=dc.block_size, group_filter=dc.group_filter,
-                                    head_rows=0),
+        objective=rl_objective(dc, method),
         rollout=decoder(dc, dc.rule(method), tok),
         reward=RewardConfig(kind="addition", workers=0),
         optim=OptimConfig(lr=dc.rl_lr, total_steps=1_000_000, schedule="constant"),
@@ -263,6 +330,7 @@ def run_method(dc: RLDemoConfig, method: str, model_cfg, params, tok, train: lis
     t0 = time.perf_counter()
     summ = run_rl(run, model_cfg, params, samples, detokenizer(tok), tok.pad_token_id, log=log, eval_fn=eval_fn,
                   eval_every=dc.eval_every)
+    stopped(summ, f"RL {method}")
     hist = summ["history"]
     out = {"settings": settings, "history": hist, "seconds": time.perf_counter() - t0, "status": summ["status"]}
     tmp = path + ".partial"
@@ -371,7 +439,9 @@ def plot(dc: RLDemoConfig, base: dict, runs: dict, stem: str):
     b.set_title("training reward vs rollouts")
     b.legend(fontsize=8)
     fig.suptitle(f"RL demo: tiny SDAR, {dc.digits}-digit addition, K = {dc.block_size}, {dc.prompts_per_step} prompts "
-                 f"x G {dc.group_size}, lr {dc.rl_lr:g}, seed {dc.seed} (RL {dc.rl_seed_})", fontsize=9)
+                 f"x G {dc.group_size}, lr {dc.rl_lr:g}, seed {dc.seed} (RL {dc.rl_seed_})" +
+                 ("" if dc.sft_schedule == "constant" else f", SFT {dc.sft_steps} steps {dc.sft_schedule} LR"),
+                 fontsize=9)
     fig.tight_layout()
     for ext in ("png", "svg"):
         tmp = f"{stem}.partial.{ext}"
@@ -387,7 +457,7 @@ def run_rl_demo(dc: RLDemoConfig, log=print) -> dict:
     from dlmjax.data import addition
 
     t0 = time.perf_counter()
-    os.makedirs(dc.workdir, exist_ok=True)
+    os.makedirs(dc.out_dir, exist_ok=True)
     tok = addition.make_tokenizer()
     train, test = make_data(dc)
     log(f"rl_demo: {len(train)} training / {len(test)} held-out {dc.digits}-digit problems, prompt "
@@ -407,17 +477,17 @@ def run_rl_demo(dc: RLDemoConfig, log=print) -> dict:
             [f"{base['acc_tau_budget']:.3f}"] + [f"{h['acc_tau_budget']:.3f}" for h in ev]) +
             f"; {runs[m]['seconds']:.0f} s")
     rows, table, ratio = summarize(dc, base, runs)
-    stem = os.path.join(dc.workdir, "rl_demo")
+    stem = os.path.join(dc.out_dir, "rl_demo")
     plot(dc, base, runs, stem)
-    with open(os.path.join(dc.workdir, "table.md"), "w") as f:
+    with open(os.path.join(dc.out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     res = {"config": dataclasses.asdict(dc), "sft": base, "rows": rows, "slim_over_tracerl_rows": ratio,
            "sft_seconds": t_sft, "eval_seconds": t_eval, "total_seconds": time.perf_counter() - t0,
            "curves": {m: curves(base, r["history"]) for m, r in runs.items()}}
-    with open(os.path.join(dc.workdir, "results.json.partial"), "w") as f:
+    with open(os.path.join(dc.out_dir, "results.json.partial"), "w") as f:
         json.dump(res, f, indent=1)
-    os.replace(os.path.join(dc.workdir, "results.json.partial"), os.path.join(dc.workdir, "results.json"))
+    os.replace(os.path.join(dc.out_dir, "results.json.partial"), os.path.join(dc.out_dir, "results.json"))
     log("\n" + table)
     log(f"rl_demo: SFT {t_sft:.0f} s, total {res['total_seconds']:.0f} s; figure {stem}.png / .svg; table "
-        f"{os.path.join(dc.workdir, 'table.md')}")
+        f"{os.path.join(dc.out_dir, 'table.md')}")
     return res

@@ -11,8 +11,14 @@ from dlmjax.launch.common_flags import F, usage
 
 flags.DEFINE_list("rl_demo_methods", ["slim", "tracerl", "random"], "rl_demo: RL methods to run from the one SFT "
                   "checkpoint (slim | tracerl | random | coupled).")
-flags.DEFINE_integer("rl_demo_sft_steps", None, "rl_demo: block-diffusion SFT steps (default: the calibrated "
-                     "RLDemoConfig.sft_steps).", lower_bound=1)
+flags.DEFINE_integer("rl_demo_sft_steps", None, "rl_demo: block-diffusion SFT steps (default: the count calibrated "
+                     "for --rl_demo_block and --rl_demo_sft_schedule, rl_demo.CALIBRATED_SFT_STEPS).", lower_bound=1)
+flags.DEFINE_integer("rl_demo_block", None, "rl_demo: block size K = S of the model, the SFT, the rollouts and the RL "
+                     "rows (default 4; 12 = the whole response is one block). Must divide 12; a K other than 4 runs "
+                     "in <workdir>/k<K>, with its own SFT checkpoint.", lower_bound=1)
+flags.DEFINE_enum("rl_demo_sft_schedule", None, ("constant", "cosine", "linear"), "rl_demo: SFT learning rate after "
+                  "warmup (default constant; cosine / linear decay to 0 at the last SFT step). A decaying schedule "
+                  "runs in <workdir>/[k<K>_]sft_<schedule>, with its own SFT checkpoint.")
 flags.DEFINE_integer("rl_demo_steps", None, "rl_demo: RL outer steps per method (default RLDemoConfig.rl_steps).",
                      lower_bound=1)
 flags.DEFINE_integer("rl_demo_prompts", None, "rl_demo: prompts per outer step.", lower_bound=1)
@@ -32,7 +38,8 @@ flags.DEFINE_enum("rl_demo_random_rule", None, ("tau_budget", "dynamic"), "rl_de
 _MAP = {"rl_demo_sft_steps": "sft_steps", "rl_demo_steps": "rl_steps", "rl_demo_prompts": "prompts_per_step",
         "rl_demo_group": "group_size", "rl_demo_lr": "rl_lr", "rl_demo_minibatch": "minibatch",
         "rl_demo_filter": "group_filter", "rl_demo_eval_every": "eval_every", "rl_demo_n_test": "n_test",
-        "rl_demo_eval_k": "eval_k", "rl_demo_random_rule": "random_rule", "rl_demo_rl_seed": "rl_seed"}
+        "rl_demo_eval_k": "eval_k", "rl_demo_random_rule": "random_rule", "rl_demo_rl_seed": "rl_seed",
+        "rl_demo_block": "block_size", "rl_demo_sft_schedule": "sft_schedule"}
 RL_DEMO_FLAGS = ("workdir", "seed", "rl_demo_methods", *_MAP)
 
 
