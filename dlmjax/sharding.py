@@ -99,10 +99,30 @@ def batch_shardings(mesh, batch) -> dict:
     return {k: NamedSharding(mesh, batch_spec(mesh, np.ndim(v))) for k, v in batch.items()}
 
 
-def global_batch(mesh, local: dict) -> dict:
-    """Per-process numpy rows -> global jax arrays sharded over (data, fsdp); rows are in process order."""
-    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(mesh, v.ndim)), v)
-            for k, v in local.items()}
+def global_batch(mesh, local: dict, rows: int | None = None) -> dict:
+    """Per-process numpy rows -> global jax arrays sharded over (data, fsdp); rows are in process order.
+    rows: the global row count, when each process feeds the block `process_rows(mesh, rows)` of a batch that every
+    process knows (then the block's place comes from the sharding, not from the process index)."""
+    def put(v):
+        sh = NamedSharding(mesh, batch_spec(mesh, v.ndim))
+        if rows is None:
+            return jax.make_array_from_process_local_data(sh, v)
+        return jax.make_array_from_process_local_data(sh, v, (rows, *v.shape[1:]))
+
+    return {k: put(v) for k, v in local.items()}
+
+
+def process_rows(mesh, rows: int) -> slice:
+    """The rows [lo, hi) of a global [rows, ...] batch split over (data, fsdp) that this process's devices hold: the
+    block it feeds to `global_batch(mesh, block, rows)` (all of them where the batch axes do not span processes).
+    rows must be a multiple of data x fsdp."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    _check(rows % n == 0, f"{rows} rows do not split over the mesh's data x fsdp = {n} row shards")
+    got = NamedSharding(mesh, batch_spec(mesh, 1)).addressable_devices_indices_map((rows,)).values()
+    spans = sorted({(s[0].start or 0, rows if s[0].stop is None else s[0].stop) for s in got})
+    lo, hi = spans[0][0], spans[-1][1]
+    _check(sum(b - a for a, b in spans) == hi - lo, f"this process's rows {spans} are not one contiguous block")
+    return slice(lo, hi)
 
 
 def replicated(mesh):

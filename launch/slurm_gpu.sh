@@ -11,12 +11,15 @@
 # usage: sbatch [--nodes=N --gpus-per-node=G ...] launch/slurm_gpu.sh FLAGFILE [extra absl flags ...]
 #        bash launch/slurm_gpu.sh --dry-run FLAGFILE [extra absl flags ...]   (print the srun command only)
 #
-#   FLAGFILE      e.g. launch/flags/llada_mdlm_sft.flags (relative to the repo: sbatch from the repo root)
+#   FLAGFILE      e.g. launch/flags/llada_mdlm_sft.flags or launch/flags/tracerl_trado4b_math.flags (relative
+#                 to the repo: sbatch from the repo root)
 #   extra flags   appended after the flagfile, so they override it (absl: the last value wins), e.g.
 #                 --init_ckpt=/shared/ckpt/llada-8b-instruct --data=/shared/data/sft.jsonl --workdir=/shared/runs/x
 #
 # - --distributed: jax.distributed.initialize() auto-detects SLURM (coordinator = first node, process id =
-#   SLURM_PROCID, count = SLURM_NTASKS), so no --coordinator flags. Only --job=sft takes --distributed.
+#   SLURM_PROCID, count = SLURM_NTASKS), so no --coordinator flags. --job=sft and --job=rl take --distributed
+#   (rl: every node reads the prompt JSONL; prompts_per_step x group_size and --batch_size must be multiples of the
+#   mesh's data x fsdp = GPUs / mesh_tensor: the RL recipes' 8-row minibatches on 2 x 8 GPUs need --mesh_tensor=2).
 # - The venv: each task sources launch/env.sh with JAX_PLATFORMS=cuda and DLMJAX_JAX_EXTRA=cuda12. env.sh installs
 #   the CPU jaxlib from pyproject.toml; GPUs also need `jax[cuda12]==0.10.2` (CUDA plugin + pip CUDA libraries).
 #   The explicit `pip install` below makes that work with an env.sh that does not (yet) read DLMJAX_JAX_EXTRA and is
@@ -26,7 +29,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '11,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '11,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 

@@ -4,7 +4,8 @@
 # usage: TPU_NAME=<tpu vm name> ZONE=<zone> [PROJECT=<gcp project>] [DLMJAX_REPO=<repo dir on the hosts>] \
 #          bash launch/tpu_pod.sh [--dry-run] FLAGFILE [extra absl flags ...]
 #
-#   FLAGFILE      path relative to the repo on the hosts, e.g. launch/flags/trims_llada8b.flags
+#   FLAGFILE      path relative to the repo on the hosts, e.g. launch/flags/trims_llada8b.flags (sft) or
+#                 launch/flags/slim_rl_trado4b_math.flags (rl)
 #   extra flags   appended after the flagfile, so they override it (absl: the last value wins), e.g.
 #                 --init_ckpt=/mnt/ckpt/llada-8b-instruct --data=... --workdir=...
 #   --dry-run     print the gcloud command instead of running it
@@ -14,8 +15,13 @@
 #   && (libtpu present || pip install jax[tpu]==0.10.2) && python -m dlmjax.launch --distributed --flagfile=... ...
 #
 # - --distributed: jax.distributed.initialize() auto-detects the TPU slice (coordinator, process count and id), so no
-#   --coordinator / --num_processes / --process_id flags. Only --job=sft takes --distributed; run --job=trims_score
-#   on one host (`python -m dlmjax.launch --flagfile=launch/flags/trims_score_qwen3_8b.flags ...`).
+#   --coordinator / --num_processes / --process_id flags. --job=sft and --job=rl take --distributed; run
+#   --job=trims_score on one host (`python -m dlmjax.launch --flagfile=launch/flags/trims_score_qwen3_8b.flags ...`).
+# - --job=rl: every host needs the prompt JSONL (each draws the same seeded prompt order and rolls out its block of
+#   each step's rollouts on the shared mesh); prompts_per_step x group_size and --batch_size must be multiples of the
+#   mesh's data x fsdp = chips / mesh_tensor (an error line says so otherwise): the recipes' 8-row minibatches need
+#   --mesh_tensor=chips/8 on more than 8 chips (or a larger --batch_size, which changes the recipe). Reward workers
+#   (--reward_workers) run on every host.
 # - The venv: launch/env.sh installs the CPU jaxlib from pyproject.toml; TPU hosts also need libtpu, i.e.
 #   `jax[tpu]==0.10.2` (same jax/jaxlib versions, plus the libtpu plugin). DLMJAX_JAX_EXTRA=tpu asks env.sh for it;
 #   the explicit `pip install` after it makes this work with an env.sh that does not (yet) read that variable and
@@ -28,7 +34,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 

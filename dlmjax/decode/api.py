@@ -16,6 +16,9 @@ picking a loop and reading its own dict.
   `while any row is active` tests and Dream's batch-mean schedule see every row, and threefry is partitionable -- so
   the tokens equal one device's. B must be a multiple of data x fsdp (ValueError otherwise): padding rows would
   change the batch-coupled rules (Dream's batch-mean n̄), so it is left to the caller.
+* Multi-process (jax.distributed, one process per host): prompts and prompt_lens are GLOBAL jax.Arrays on the mesh,
+  each process having fed its block of rows (`sharding.process_rows` / `sharding.global_batch`); the Rollout's
+  arrays are global too (gather them with multihost_utils.process_allgather(..., tiled=True)). See rl/job.py.
 Notes on every field per loop: docs/decode_api_notes.md.
 """
 
@@ -171,7 +174,22 @@ def _place(mesh, params, prompts, lens, key):
                          "batch-mean schedule, so it is the caller's choice)")
     put = lambda x: jax.device_put(x, NamedSharding(mesh, sharding.batch_spec(mesh, x.ndim)))  # noqa: E731
     params = jax.device_put(params, sharding.shardings(mesh, sharding.param_specs(mesh, params)))
+    if _mesh_spans_processes(mesh) and not _spans_processes(key):  # a host-local key -> the same global one
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        data = np.asarray(jax.random.key_data(key) if typed else key)
+        key_g = jax.make_array_from_callback(data.shape, sharding.replicated(mesh), lambda i: data[i])
+        return params, put(prompts), put(lens), (jax.random.wrap_key_data(key_g, impl=jax.random.key_impl(key))
+                                                  if typed else key_g)
     return params, put(prompts), put(lens), jax.device_put(key, sharding.replicated(mesh))
+
+
+def _spans_processes(x) -> bool:
+    """A global jax.Array with rows on other processes' devices (multi-process)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def _mesh_spans_processes(mesh) -> bool:
+    return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
 
 
 def generate(decoder_cfg, model_cfg: ModelConfig, params, prompts, prompt_lens, key, mesh=None) -> Rollout:
@@ -182,19 +200,29 @@ def generate(decoder_cfg, model_cfg: ModelConfig, params, prompts, prompt_lens, 
     prompts: [B, P] int ids, LEFT-PADDED (row b = prompts[b, P - prompt_lens[b]:]); prompt_lens: [B] int.
     key: PRNG key (the loops fold it by step; same key + same rows = same rollout, with or without a mesh).
     mesh: optional `dlmjax.sharding` mesh; with more than one device the rows run data-parallel (B must be a
-    multiple of data x fsdp). Single-process only: the inputs are host arrays placed on the mesh here.
+    multiple of data x fsdp). Single process: host arrays, placed on the mesh here. Multi-process: prompts and
+    prompt_lens must be global arrays on `mesh` (each process fed its rows; see the module docstring).
     Host-level (not traceable): it checks the lengths and may enable x64 (LLaDA's float64 rules) around the jit.
     """
     if type(decoder_cfg) not in _LOOPS:
         decoder_name(decoder_cfg)  # raises the TypeError
+    spans = _spans_processes(prompts) or _spans_processes(prompt_lens)
+    if spans and (mesh is None or not (_spans_processes(prompts) and _spans_processes(prompt_lens))):
+        raise ValueError("decode.api.generate: prompts and prompt_lens spanning processes must both be global arrays, "
+                         "with the mesh they live on")
+    if mesh is not None and mesh.size > 1 and _mesh_spans_processes(mesh) and not spans:
+        raise ValueError("decode.api.generate: with several processes, prompts and prompt_lens must be global arrays "
+                         "on the mesh (each process feeds its rows: sharding.process_rows / sharding.global_batch)")
     prompts = jnp.asarray(prompts, jnp.int32)
-    lens = np.asarray(prompt_lens)
-    if prompts.ndim != 2 or lens.shape != prompts.shape[:1]:
+    # the range check sees this process's rows of a global array (each process checks its own)
+    lens = np.concatenate([np.asarray(s.data) for s in prompt_lens.addressable_shards]) if spans else \
+        np.asarray(prompt_lens)
+    if prompts.ndim != 2 or tuple(np.shape(prompt_lens)) != prompts.shape[:1]:
         raise ValueError(f"decode.api.generate: prompts must be [B, P] and prompt_lens [B]; got {prompts.shape} "
-                         f"and {lens.shape}")
+                         f"and {tuple(np.shape(prompt_lens))}")
     if lens.size and not ((lens >= 0) & (lens <= prompts.shape[1])).all():
         raise ValueError(f"decode.api.generate: prompt_lens must lie in [0, P={prompts.shape[1]}]; got {lens}")
-    lens = jnp.asarray(lens, jnp.int32)
+    lens = jnp.asarray(prompt_lens if spans else lens, jnp.int32)
     if mesh is not None and mesh.size > 1:
         params, prompts, lens, key = _place(mesh, params, prompts, lens, key)
     else:

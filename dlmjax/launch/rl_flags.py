@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from dlmjax.launch import train_flags
-from dlmjax.launch.common_flags import F, require, require_dir, usage
+from dlmjax.launch.common_flags import F, reject, require, require_dir, usage
 
 flags.DEFINE_enum("rl_objective", "slim", ("slim", "tracerl", "random", "coupled"), "rl: training rows + loss: "
                   "slim = 3 Gauss-Legendre rows per rollout, sequence-level ratio; tracerl = trajectory slices; "
@@ -53,6 +53,18 @@ flags.DEFINE_integer("reward_workers", 2, "rl: reward scoring processes / sandbo
                      "rewards only).", lower_bound=0)
 flags.DEFINE_bool("reset_optimizer", False, "rl: re-initialise AdamW and the LR schedule every outer step, as the "
                   "references do by restarting their trainer.")
+# TraceRL's optional diffusion value model (spec §2.6, dlmjax/rl/value.py, docs/rl_value_notes.md)
+flags.DEFINE_bool("value_model", False, "rl (tracerl): train TraceRL's diffusion value model (a backbone copy + a "
+                  "zero-initialised linear head) and give the policy per-token advantages from it.")
+flags.DEFINE_string("value_init_ckpt", None, "rl (--value_model): the value backbone's checkpoint (same "
+                    "architecture as --init_ckpt; default: --init_ckpt).")
+flags.DEFINE_float("value_lr", 5e-6, "rl (--value_model): the value model's AdamW learning rate.")
+flags.DEFINE_float("value_clip", 0.2, "rl (--value_model): value clip, V_old + clip(V - V_old, +-value_clip).")
+flags.DEFINE_float("gamma", 1.0, "rl (--value_model): discount over decoding steps.")
+flags.DEFINE_float("lam", 1.0, "rl (--value_model): GAE lambda over decoding steps.")
+flags.DEFINE_integer("train_value_every", 1, "rl (--value_model): update the value model on every n-th outer step "
+                     "(its values are used on every step).", lower_bound=1)
+VALUE_FLAGS = ("value_init_ckpt", "value_lr", "value_clip", "gamma", "lam", "train_value_every")
 
 RL_FLAGS = ("workdir", "init_ckpt", "data", "seed", "batch_size", "chat_template", "rl_objective", "outer_steps",
             "prompts_per_step", "group_size", "max_prompt_len", "prompt_template", "quadrature_points", "mask_spread",
@@ -67,6 +79,7 @@ RL_FLAGS = ("workdir", "init_ckpt", "data", "seed", "batch_size", "chat_template
             "adam_eps", "grad_accum", "mesh_data", "mesh_fsdp", "mesh_tensor", "lora_rank", "lora_alpha",
             "lora_targets", "log_every", "save_every", "keep", "resume", "export", "tensorboard", "stop_at",
             "param_dtype", "compute_dtype", "remat", "distributed", "coordinator", "num_processes", "process_id")
+RL_FLAGS = RL_FLAGS + ("value_model",) + VALUE_FLAGS
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CODE_INSTRUCTION = ("Place your code within a single Python code block ```python ```. Do not include more than one "
@@ -86,7 +99,7 @@ def rl_config():
 
     from dlmjax.decode.sdar import BlockDecodeConfig
     from dlmjax.rewards.registry import RewardConfig
-    from dlmjax.rl.config import RLObjectiveConfig
+    from dlmjax.rl.config import RLObjectiveConfig, ValueConfig
     from dlmjax.rl.job import RLRunConfig
     from dlmjax.train.config import OptimConfig
 
@@ -95,6 +108,11 @@ def rl_config():
         raise app.UsageError("--coordinator needs --distributed")
     if F.reward == "code" and F.reward_workers < 1:
         raise app.UsageError("--reward=code needs --reward_workers >= 1 (programs run only in the sandbox)")
+    if not F.value_model:
+        reject(VALUE_FLAGS, "needs --value_model")
+    elif F.rl_objective != "tracerl":
+        raise app.UsageError(f"--value_model needs --rl_objective=tracerl (TraceRL's value model; its step-level "
+                             f"returns follow the trajectory slices), not {F.rl_objective}")
 
     def build():
         obj = F.rl_objective
@@ -126,7 +144,9 @@ def rl_config():
                                 code_reward=F.code_reward, workers=F.reward_workers),
             optim=optim, step=train_flags.step_config(_rl_default("batch_size", 8)), mesh=train_flags.mesh_config(),
             lora=train_flags.lora_config(), prompts_per_step=F.prompts_per_step, group_size=F.group_size,
-            max_prompt_len=F.max_prompt_len, reset_optimizer=F.reset_optimizer)
+            max_prompt_len=F.max_prompt_len, reset_optimizer=F.reset_optimizer,
+            value=ValueConfig(lr=F.value_lr, clip=F.value_clip, gamma=F.gamma, lam=F.lam,
+                              train_every=F.train_value_every) if F.value_model else None)
 
     return usage(build)
 
@@ -174,6 +194,69 @@ def load_samples(run, tokenizer, log=print) -> list[dict]:
     return out
 
 
+def check_distributed_flags():
+    """--distributed and its explicit set-up flags (before jax.distributed.initialize): --coordinator, --num_processes
+    and --process_id come together, with --distributed, and the id lies in [0, num_processes)."""
+    explicit = {n: F[n].value for n in ("coordinator", "num_processes", "process_id") if F[n].value is not None}
+    if explicit and not F.distributed:
+        raise app.UsageError(f"--{next(iter(explicit))} needs --distributed")
+    if explicit and len(explicit) < 3:
+        missing = [n for n in ("coordinator", "num_processes", "process_id") if n not in explicit]
+        raise app.UsageError(f"--{next(iter(explicit))} needs --{' and --'.join(missing)} (explicit multi-process "
+                             "set-up; give none of them to auto-detect a TPU slice / SLURM job)")
+    if explicit and not (F.num_processes >= 1 and 0 <= F.process_id < F.num_processes):
+        raise app.UsageError(f"--process_id={F.process_id} must lie in [0, --num_processes={F.num_processes})")
+
+
+def check_batch_split(run):
+    """The mesh must fit the devices of all processes, and each step's rollouts and each minibatch must split over
+    its data x fsdp row shards (every process feeds whole shards)."""
+    import jax
+
+    train_flags.check_machine(run.mesh)
+    data, fsdp, _ = run.mesh.shape(jax.device_count())
+    n, b = data * fsdp, run.prompts_per_step * run.group_size
+    where = f"the mesh's data x fsdp = {n} row shards ({jax.device_count()} devices, {jax.process_count()} processes)"
+    if b % n:
+        raise app.UsageError(f"--prompts_per_step={run.prompts_per_step} x --group_size={run.group_size} = {b} "
+                             f"rollouts per step do not split over {where}")
+    if run.step.global_batch % n:
+        raise app.UsageError(f"--batch_size={run.step.global_batch} rows per minibatch do not split over {where}")
+
+
+def value_backbone(cfg, params):
+    """The value model's starting params (--value_model): --value_init_ckpt's, which must have the policy's
+    architecture (CheckpointError naming the first differing field), else the policy's own init `params`; None
+    without --value_model."""
+    if not F.value_model:
+        return None
+    if not F.value_init_ckpt:
+        return params
+    import dataclasses
+
+    from dlmjax.checkpoint import CheckpointError, load_checkpoint
+
+    require_dir("value_init_ckpt", F.value_init_ckpt)
+    vcfg, vparams = load_checkpoint(F.value_init_ckpt, dtype=F.param_dtype, compute_dtype=F.compute_dtype,
+                                    remat=F.remat)
+    a, b = dataclasses.asdict(cfg), dataclasses.asdict(vcfg)
+    diff = [k for k in a if a[k] != b.get(k)]
+    if diff:
+        raise CheckpointError(f"--value_init_ckpt={F.value_init_ckpt}: the value backbone must have the policy's "
+                              f"architecture; {diff[0]} is {b.get(diff[0])!r}, the policy's is {a[diff[0]]!r}")
+    return vparams
+
+
+def leave_distributed():
+    """After a usage error that every process finds (the same flags, the same devices) once jax.distributed is up:
+    leave the distributed service together, so that no process is killed by the service for another's early exit
+    before it printed its own error line."""
+    import jax
+
+    if F.distributed and jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
 def run_rl() -> int:
     import dataclasses
 
@@ -184,8 +267,14 @@ def run_rl() -> int:
     from dlmjax.rl.job import run_rl as rl
     from dlmjax.train.loop import checkpoint_writer
 
+    check_distributed_flags()
     train_flags.initialize_distributed()
-    run = rl_config()
+    try:
+        run = rl_config()
+        check_batch_split(run)
+    except app.UsageError:
+        leave_distributed()
+        raise
     require_dir("init_ckpt", F.init_ckpt)
     tok = AutoTokenizer.from_pretrained(F.init_ckpt)
     cfg, params = load_checkpoint(F.init_ckpt, dtype=F.param_dtype, compute_dtype=F.compute_dtype, remat=F.remat)
@@ -200,5 +289,5 @@ def run_rl() -> int:
     samples = load_samples(run, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rl(run, cfg, params, samples, lambda ids: tok.decode(list(ids), skip_special_tokens=False), pad,
-       export=checkpoint_writer(F.init_ckpt, tok))
+       export=checkpoint_writer(F.init_ckpt, tok), value_params=value_backbone(cfg, params))
     return 0

@@ -13,6 +13,8 @@ batch (leading dim R = a multiple of the minibatch size; dummy rows at the end):
                             sum_rows row_scale * per-row loss, so dummy rows never shrink the gradient
   rollout    [R] int32      index of the source rollout (-1 on dummy rows)
   logp_old   [R, L1] f32    zeros; the old-policy pass fills it
+  step_id    [R, L1] int32  TraceRL rows only: the (shrunk) step id of each target, -1 elsewhere and on dummy rows
+                            (what TraceRL's value model groups its step-level returns by, rl/value.py)
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def make_batch(packed: Packed, rows: Rows, adv, minibatch: int) -> dict:
     counts = np.minimum(minibatch, real - np.arange(0, total, minibatch))  # real rows per minibatch
     scale = np.repeat(1.0 / np.maximum(counts, 1), minibatch).astype(np.float32)
     scale[real:] = 0.0
+    extra = {} if rows.step is None else {"step_id": padded(rows.step.astype(np.int32), -1)}
     return {
         "input_ids": padded(ids, packed.pad_id),
         "positions": positions(prompt_valid, l1),
@@ -70,6 +73,7 @@ def make_batch(packed: Packed, rows: Rows, adv, minibatch: int) -> dict:
         "row_scale": scale,
         "rollout": padded(rows.rollout.astype(np.int32), -1),
         "logp_old": np.zeros((total, l1), np.float32),
+        **extra,
     }
 
 

@@ -87,3 +87,26 @@ class RLObjectiveConfig:
 
     def replace(self, **kw) -> "RLObjectiveConfig":
         return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueConfig:
+    """TraceRL's optional diffusion value model (spec §2.6; dLLM-RL configs/rl_sdar_with_value.yaml, train/
+    train_sdar_value.py). Its presence in the run (RLRunConfig.value) turns it on; TraceRL rows only."""
+
+    lr: float = 5e-6  # optimizer.params.value_learning_rate (the policy's schedule / betas / eps / clip otherwise)
+    clip: float = 0.2  # value clip: V_old + clip(V - V_old, +-clip) (the reference reuses training.eps = 0.2)
+    gamma: float = 1.0  # training.gam
+    lam: float = 1.0  # training.lam
+    train_every: int = 1  # experiment.train_value_every: update the value model on outer steps (1-based) % n == 0
+
+    def __post_init__(self):
+        def check(ok, why):
+            if not ok:
+                raise ValueError(f"ValueConfig: {why}")
+
+        check(self.lr > 0, f"value_lr={self.lr} must be > 0")
+        check(self.clip > 0, f"value_clip={self.clip} must be > 0")
+        check(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1]")
+        check(0.0 <= self.lam <= 1.0, f"lam={self.lam} must be in [0, 1]")
+        check(self.train_every >= 1, f"train_value_every={self.train_every} must be >= 1")

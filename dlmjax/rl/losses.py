@@ -4,7 +4,8 @@ Common inputs (R rows, L1 padded response length of the outer step):
   logp, logp_old [R, L1] f32  log pi_theta / log pi_old of the clean token at each noisy position (any value
                               off-target: only targets are read)
   targets [R, L1] bool        p_mask (masked, non-pad positions)
-  adv, weight, row_scale [R]  advantage, quadrature weight, 1 / real rows of the minibatch (0 on dummy rows)
+  adv, weight, row_scale [R]  advantage, quadrature weight, 1 / real rows of the minibatch (0 on dummy rows);
+                              token_loss also takes a per-token adv [R, L1] (TraceRL with its value model, §2.6)
 Returns (loss f32 [], sums): loss = sum_rows row_scale * (-w * surrogate + beta * w * KL), i.e. the reference's
 minibatch mean over its B real rows; `sums` are additive counters (over micro-batches) for the metrics:
   policy, kl_term      the two parts of the loss
@@ -70,11 +71,13 @@ def token_loss(logp, logp_old, targets, adv, weight, row_scale, eps: float = 0.2
                kl: str = "k3", weighted: bool = False):
     """Token-level PPO (TraceRL §2.4; SLIM's `token` level): rho = exp(clamp(delta, +-10)), per row
     (1 / L1) sum_targets min(rho A, clip(rho, 1 - eps, 1 + eps) A). weighted=False (TraceRL / random / coupled):
-    neither term reads the weight; weighted=True (SLIM token level): both are multiplied by w."""
+    neither term reads the weight; weighted=True (SLIM token level): both are multiplied by w.
+    adv: [R] (the row's rollout advantage, every token) or [R, L1] (a per-token A_j: TraceRL with its value model,
+    §2.6 "policy loss = §2.4 with per-token A_j instead of a scalar")."""
     d = _delta(logp, logp_old, targets)
     rho = jnp.exp(jnp.clip(d, -10.0, 10.0))  # [R, L1]
     c = jnp.clip(rho, 1.0 - eps, 1.0 + eps)
-    a = adv[:, None]
+    a = adv[:, None] if adv.ndim == 1 else adv  # [R, 1] | [R, L1]
     surr = jnp.sum(jnp.where(targets, jnp.minimum(rho * a, c * a), 0.0), axis=-1) / d.shape[-1]
     on = targets.astype(F32) * (row_scale > 0).astype(F32)[:, None]
     w = weight if weighted else jnp.ones_like(weight)

@@ -29,19 +29,25 @@ class Rows:
     noisy: np.ndarray  # [R, L1] int32 the noisy response copy (masked positions = mask id, pads masked stay mask)
     targets: np.ndarray  # [R, L1] bool positions whose clean token is predicted (masked and non-pad)
     weight: np.ndarray  # [R] float32 quadrature weight (1 for TraceRL / random rows)
+    # [R, L1] int64 TraceRL only (else None): the (shrunk) step id of each target, -1 off-target -- what the value
+    # model's step-level returns group by (spec §2.6; dLLM-RL train_sdar_value.py `sel_step_tail_rows`)
+    step: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.rollout.shape[0])
 
 
-def keep_nonempty(rollout, noisy, masked, weight, resp_valid) -> Rows:
-    """Rows from stacked candidates: targets = masked & non-pad, rows without a target dropped (order kept)."""
+def keep_nonempty(rollout, noisy, masked, weight, resp_valid, step=None) -> Rows:
+    """Rows from stacked candidates: targets = masked & non-pad, rows without a target dropped (order kept).
+    step: optional [R, L1] step id per position (kept on targets, -1 elsewhere)."""
     rollout = np.asarray(rollout, np.int32).reshape(-1)
     l1 = resp_valid.shape[1]
     noisy = np.asarray(noisy, np.int32).reshape(-1, l1)
     targets = np.asarray(masked, bool).reshape(-1, l1) & resp_valid[rollout]
     keep = targets.any(-1)
-    return Rows(rollout[keep], noisy[keep], targets[keep], np.asarray(weight, np.float32).reshape(-1)[keep])
+    if step is not None:
+        step = np.where(targets, np.asarray(step, np.int64).reshape(-1, l1), -1)[keep]
+    return Rows(rollout[keep], noisy[keep], targets[keep], np.asarray(weight, np.float32).reshape(-1)[keep], step)
 
 
 def slim_masks(packed: Packed, rng: np.random.Generator, k: int, n_points: int = 3, spread: float = 0.2,

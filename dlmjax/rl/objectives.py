@@ -50,11 +50,16 @@ def rl_token_logprobs(cfg: ModelConfig, params, batch: dict, k: int, head_rows: 
     return jnp.where(targets, -ce, 0.0).astype(F32)
 
 
-def loss_from_logprobs(rc: RLObjectiveConfig, logp, batch: dict):
-    """(loss, sums) of the configured level from logp [R, L1] and the batch (see rl/losses.py); adds n_resp."""
-    args = (logp, batch["logp_old"], batch["targets"], batch["adv"].astype(F32), batch["weight"].astype(F32),
-            batch["row_scale"].astype(F32))
+def loss_from_logprobs(rc: RLObjectiveConfig, logp, batch: dict, token_adv: bool = False):
+    """(loss, sums) of the configured level from logp [R, L1] and the batch (see rl/losses.py); adds n_resp.
+    token_adv: read the per-token advantage batch["adv_tok"] [R, L1] (TraceRL's value model, rl/value.py) instead
+    of the per-row batch["adv"] [R]; token level only."""
     level = rc.loss_level
+    if token_adv and level != "token":
+        raise ValueError(f"a per-token advantage needs the token-level loss, not {level!r}")
+    adv = batch["adv_tok"] if token_adv else batch["adv"]
+    args = (logp, batch["logp_old"], batch["targets"], adv.astype(F32), batch["weight"].astype(F32),
+            batch["row_scale"].astype(F32))
     if level == "sequence":
         loss, sums = losses.sequence_loss(*args, rc.clip_ratio_low, rc.clip_ratio_high, rc.beta, rc.kl_estimator)
     elif level == "token":
@@ -87,11 +92,14 @@ def rl_metrics(sums: dict) -> dict:
             "rows": sums["n_rows"], "targets": sums["n_targets"], "mask_ratio": div("n_targets", "n_resp")}
 
 
-def make_rl_objective(cfg: ModelConfig, rc: RLObjectiveConfig, mesh=None) -> Objective:
+def make_rl_objective(cfg: ModelConfig, rc: RLObjectiveConfig, mesh=None, token_adv: bool = False) -> Objective:
     """The RL objective: loss_fn(params, batch) -> (loss, sums) with reduce="sum" (row_scale already divides by the
     minibatch's real rows), logprobs(params, batch) -> [R, L1] for the old-policy pass, rl_metrics.
     mesh: pins the noisy hidden states' batch dim to the (data, fsdp) axes; a batch split over devices uses the
-    dense head (the masked head's gather would all-gather the hidden states)."""
+    dense head (the masked head's gather would all-gather the hidden states).
+    token_adv: the loss reads the per-token advantage "adv_tok" [R, L1] (TraceRL with its value model, §2.6)."""
+    if token_adv and rc.loss_level != "token":
+        raise ValueError(f"a per-token advantage needs the token-level loss ({rc.objective} uses {rc.loss_level})")
     constrain = None
     head_rows = rc.head_rows
     if mesh is not None:
@@ -108,7 +116,8 @@ def make_rl_objective(cfg: ModelConfig, rc: RLObjectiveConfig, mesh=None) -> Obj
         return rl_token_logprobs(cfg, params, batch, rc.block_size, head_rows, rc.block_align, constrain)
 
     def loss_fn(params, batch):
-        return loss_from_logprobs(rc, logprobs(params, batch), batch)
+        return loss_from_logprobs(rc, logprobs(params, batch), batch, token_adv)
 
-    return Objective(name=rc.objective, loss_fn=loss_fn, batch_keys=RL_BATCH_KEYS, metrics=rl_metrics,
-                     reduce="sum", logprobs=logprobs)
+    keys = RL_BATCH_KEYS + (("adv_tok",) if token_adv else ())
+    return Objective(name=rc.objective, loss_fn=loss_fn, batch_keys=keys, metrics=rl_metrics, reduce="sum",
+                     logprobs=logprobs)

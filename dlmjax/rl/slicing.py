@@ -18,24 +18,46 @@ from dlmjax.rl.layout import Packed, block_offsets, response_blocks
 from dlmjax.rl.masking import Rows, keep_nonempty
 
 
+def _block_ranks(step_map, blocks):
+    """(inv, start, end, uniq, g, lo, span): dense ranks of (block, step) over all rollouts (sorted), the first and
+    last rank of each global block, the sorted keys, the [n, L1] global block id, and the key decoding constants."""
+    sm = np.asarray(step_map, np.int64)
+    blk = np.asarray(blocks, np.int64)
+    n, l1 = sm.shape
+    nb = int(blk.max()) + 1
+    g = np.arange(n)[:, None] * nb + blk  # [n, L1] global block id
+    lo = int(sm.min())
+    span = int(sm.max()) - lo + 1
+    key = g * span + (sm - lo)
+    uniq, inv = np.unique(key.reshape(-1), return_inverse=True)  # dense rank of (block, step), sorted
+    inv = inv.reshape(n, l1)
+    start = np.full(n * nb, np.iinfo(np.int64).max)
+    np.minimum.at(start, g.reshape(-1), inv.reshape(-1))
+    end = np.full(n * nb, -1)
+    np.maximum.at(end, g.reshape(-1), inv.reshape(-1))
+    return inv, start, end, uniq, g, lo, span
+
+
 def step_groups(step_map, blocks, shrink: int = 1):
     """[n, L1] int: the (shrunk) round index of every response position.
 
     step_map: [n, L1] int step ids (pads already = max + 1); blocks: [n, L1] int block index per position."""
-    sm = np.asarray(step_map, np.int64)
-    blk = np.asarray(blocks, np.int64)
-    n, l1 = sm.shape
-    if n == 0:
-        return np.zeros((0, l1), np.int64)
-    nb = int(blk.max()) + 1
-    g = np.arange(n)[:, None] * nb + blk  # [n, L1] global block id
-    span = int(sm.max() - sm.min()) + 1
-    key = g * span + (sm - sm.min())
-    _, inv = np.unique(key.reshape(-1), return_inverse=True)  # dense rank of (block, step), sorted
-    inv = inv.reshape(n, l1)
-    start = np.full(n * nb, np.iinfo(np.int64).max)
-    np.minimum.at(start, g.reshape(-1), inv.reshape(-1))
+    if np.shape(step_map)[0] == 0:
+        return np.zeros(np.shape(step_map), np.int64)
+    inv, start, _, _, g, _, _ = _block_ranks(step_map, blocks)
     return (inv - start[g]) // shrink
+
+
+def shrunk_step_ids(step_map, blocks, shrink: int = 1):
+    """[n, L1] int64: each position's step id after the shrink (spec §2.3 step 1; dLLM-RL `collapse_k_unique`):
+    inside its block, the q-th (0-based) distinct id u_q becomes u_min(s (q // s + 1) - 1, U - 1), the last id of
+    its group of s. shrink 1 = the step map itself. The value model's steps are these ids (spec §2.6)."""
+    if np.shape(step_map)[0] == 0:
+        return np.zeros(np.shape(step_map), np.int64)
+    inv, start, end, uniq, g, lo, span = _block_ranks(step_map, blocks)
+    q = inv - start[g]
+    rank = np.minimum(start[g] + shrink * (q // shrink + 1) - 1, end[g])
+    return uniq[rank] % span + lo
 
 
 def tracerl_rows(packed: Packed, mask_id: int, k: int, shrink: int = 1, align: str = "response") -> Rows:
@@ -50,4 +72,6 @@ def tracerl_rows(packed: Packed, mask_id: int, k: int, shrink: int = 1, align: s
     g = grp[rollout]  # [R, L1]
     masked_in = g >= r[:, None]
     noisy = np.where(masked_in, mask_id, packed.response[rollout])
-    return keep_nonempty(rollout, noisy, g == r[:, None], np.ones(len(rollout), np.float32), packed.resp_valid)
+    step = shrunk_step_ids(packed.step_map, blocks, shrink)[rollout]  # [R, L1]
+    return keep_nonempty(rollout, noisy, g == r[:, None], np.ones(len(rollout), np.float32), packed.resp_valid,
+                         step)

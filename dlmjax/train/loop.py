@@ -5,7 +5,8 @@ log lines from the objective's metrics, final export.
 A job plugs in a `TrainJob`: its objective, its checkpointable iterator, the fields that must match on resume, and
 `advance(ctx, state, frozen, step) -> (state, metrics)` — one loop iteration (SFT: one batch, one optimizer step).
 Same seed + same flags = same run; a resumed run continues bit-for-bit (state, iterator position, and noise, which
-comes from fold_in(PRNGKey(seed), step) placed in the batch by the job).
+comes from fold_in(PRNGKey(seed), step) placed in the batch by the job). A job with a second trainable model (RL's
+value model) adds it through `TrainJob.aux_init`: it rides in the checkpointed state as state["aux"].
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class LoopContext:
     frozen_sh: object
     seed: int
     tx: object  # the optax optimizer (a job may re-initialise its state, as RL's per-outer-step reset does)
+    aux_sh: object = None  # NamedShardings of state["aux"] (TrainJob.aux_init), else None
 
 
 @dataclasses.dataclass
@@ -80,6 +82,10 @@ class TrainJob:
     resume_keys: tuple = ()  # meta fields that must match the checkpoint's to resume
     tokens_per_step: int = 0  # for the tokens/s figure (0: not shown)
     headline: tuple = ("loss",)  # metrics on the progress bar
+    # (mesh) -> (aux pytree, its NamedShardings): a second trainable state (e.g. TraceRL's value model: its params and
+    # optimizer state). The loop keeps it as state["aux"] -- checkpointed and resumed with the run, handed to advance,
+    # which returns it updated; the policy's step_fn must be given the state without it. None: state has no "aux".
+    aux_init: Callable | None = None
 
 
 def _install_sigterm():
@@ -204,6 +210,11 @@ def _run_loop(loop, model_cfg, params, job, opt, sc, mc, lc, export, log) -> dic
         frozen_sh = mesh_lib.shardings(mesh, mesh_lib.param_specs(mesh, frozen))
         frozen = jax.device_put(frozen, frozen_sh)
     del params, trainable
+    aux_sh, full_sh = None, state_sh
+    if job.aux_init is not None:
+        aux, aux_sh = job.aux_init(mesh)
+        state, full_sh = {**state, "aux": aux}, {**state_sh, "aux": aux_sh}
+        del aux
 
     meta = json.loads(json.dumps(job.meta))  # tuples -> lists, as they come back from JSON
     mngr = ckpt_lib.manager(os.path.join(loop.workdir, "checkpoints"), loop.save_every, loop.keep, loop.async_save)
@@ -213,14 +224,14 @@ def _run_loop(loop, model_cfg, params, job, opt, sc, mc, lc, export, log) -> dic
         if latest is not None:
             ckpt_lib.check_compatible(ckpt_lib.read_meta_checked(mngr, latest), meta, job.resume_keys,
                                       os.path.join(loop.workdir, "checkpoints", str(latest)))
-            state, _ = ckpt_lib.restore_checked(mngr, latest, ckpt_lib.abstract_like(state, state_sh),
+            state, _ = ckpt_lib.restore_checked(mngr, latest, ckpt_lib.abstract_like(state, full_sh),
                                                 job.data_iter)
             start = int(latest)
             log(f"resumed from step {start} ({os.path.join(loop.workdir, 'checkpoints')})")
 
         step_fn = step_lib.make_train_step(job.objective, sc, opt, tx, combine, mesh, state_sh, frozen_sh, None)
         ctx = LoopContext(mesh=mesh, step_fn=step_fn, combine=combine, state_sh=state_sh, frozen_sh=frozen_sh,
-                          seed=sc.seed, tx=tx)
+                          seed=sc.seed, tx=tx, aux_sh=aux_sh)
         writer = _writer(loop)
         preempted, restore_signal = _install_sigterm()
         history, pending = [], []
