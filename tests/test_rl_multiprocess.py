@@ -172,6 +172,31 @@ def test_rl_two_processes_save_resume_export_match_one_process(rl_setup, tmp_pat
     assert_params_close(mp1 / "final", ref / "final")
 
 
+@pytest.mark.slow
+def test_rl_value_model_two_processes_match_one_process(rl_setup, tmp_path):
+    """TraceRL with the value model (§2.6) multi-host: the value phase all-gathers V_old and places its rows with
+    the job's own block feeding, so 2 processes give the 1-process run's value metrics, policy metrics and exported
+    policy. 2 outer steps, no resume (the loop's aux-state resume is tested single-process in test_rl_value.py)."""
+    d, flagfile, cache = rl_setup
+    mp, ref = tmp_path / "mp", tmp_path / "ref"
+    extra = ["--rl_objective=tracerl", "--value_model", "--value_lr=1e-2", "--outer_steps=2", "--advantage=z_score",
+             "--notensorboard"]
+    a = RLProcs(tmp_path, "va", mp_argvs(flagfile, mp, 2, *extra), cache)
+    r = RLProcs(tmp_path, "vref", [[f"--flagfile={flagfile}", f"--workdir={ref}", *extra]], cache)
+    a.wait(300)
+    r.wait(300)
+    ref_m = _logged(r.stdout(0))
+    for i in range(2):
+        _assert_same_metrics(_logged(a.stdout(i)), ref_m, range(1, 3))
+        for s in (1, 2):
+            for k in ("value_loss", "value_mean", "value_clip_frac"):
+                assert abs(float(_logged(a.stdout(i))[s][k]) - float(ref_m[s][k])) <= 1.01e-3, (i, s, k)
+    # not vacuous: the value model trained (its head moved off zero, so step 2's values are not all 0) and the
+    # policy moved
+    assert float(ref_m[2]["value_mean"]) != 0.0 and float(ref_m[1]["value_loss"]) > 0, ref_m
+    assert_params_close(mp / "final", ref / "final", d / "init")
+
+
 _CHECK = r"""
 import json, sys
 from absl import app, flags

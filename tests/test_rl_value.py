@@ -386,9 +386,9 @@ def test_value_phase_updates_resets_and_skips(params):
 
 
 def _mesh_worker():
-    """A manual check, not collected (~20 CPU-s, over this file's CI budget; result in docs/rl_value_notes.md):
+    """Run in a subprocess by test_value_phase_on_8_devices_equals_one (or by hand:
         JAX_NUM_CPU_DEVICES=8 JAX_PLATFORMS=cpu python -c \
-            "from tests.test_rl_value import _mesh_worker; _mesh_worker()"
+            "from tests.test_rl_value import _mesh_worker; _mesh_worker()"):
     a value phase (V_old of a random head -> advantages -> one update per minibatch, 2 micro-batches each) on a
     2x2x2 (data, fsdp, tensor) mesh and on one device; prints one JSON line comparing them (expect loss8 == loss1 to
     ~1e-6 relative, adv_diff / adv_max and param_rel_diff ~1e-6 or less)."""
@@ -421,6 +421,22 @@ def _mesh_worker():
              for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
     print(json.dumps({"loss1": l1, "loss8": l8, "adv_diff": float(np.abs(a1 - a8).max()),
                       "adv_max": float(np.abs(a1).max()), "param_rel_diff": dp, "minibatches": len(minis)}))
+
+
+@pytest.mark.slow
+def test_value_phase_on_8_devices_equals_one():
+    """The value phase (V_old pass, per-token advantages, value updates with micro-batches) on a 2x2x2 mesh of 8 fake
+    CPU devices equals one device (~20 CPU-s in a subprocess: the parent's device count is fixed at start-up)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+    r = subprocess.run([sys.executable, "-c", "from tests.test_rl_value import _mesh_worker; _mesh_worker()"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["minibatches"] >= 2
+    assert abs(out["loss8"] - out["loss1"]) <= 1e-5 * abs(out["loss1"]) and out["loss1"] > 0, out
+    assert out["adv_diff"] <= 1e-5 * out["adv_max"] and out["adv_max"] > 0, out
+    assert out["param_rel_diff"] <= 1e-5, out
 
 
 # --- a tiny RL run with the value model ------------------------------------------------------------------------------
