@@ -12,73 +12,22 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
-from dlmjax.checkpoint import load_checkpoint, save_checkpoint
+from dlmjax.checkpoint import save_checkpoint
 from dlmjax.data import addition
 from dlmjax.demo import DemoConfig, model_config
 from dlmjax.train.sft import build_model
+from tests.launcher import ROOT, Procs, assert_params_close, child_env, mp_argvs, script, tb_scalars
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DC = DemoConfig(hidden=32, layers=2, heads=2, max_digits=2, gen_length=10)  # rows of 7 + 10 tokens
 STEPS = 4
-
-
-def _child_env(cache_dir=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    if cache_dir:  # persistent compilation cache: run B reuses run A's compiled 2-process programs
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    # One CPU device per process (the safe default with gloo; no fake-device flags from the parent). Cheaper XLA CPU
-    # codegen halves the compile time that dominates these tiny runs; every run here (2-process and 1-process
-    # reference) uses the same flags, so the comparison is unaffected.
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    return env
-
-
-class Procs:
-    """Popen'ed launcher processes with stdout/stderr in files (no pipe can fill up and block a collective)."""
-
-    def __init__(self, tmp, name, argvs, cache_dir=None):
-        self.logs, self.procs = [], []
-        for i, argv in enumerate(argvs):
-            out, err = tmp / f"{name}.{i}.out", tmp / f"{name}.{i}.err"
-            self.logs.append((out, err))
-            with open(out, "w") as fo, open(err, "w") as fe:
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "dlmjax.launch", *argv], cwd=ROOT,
-                                                   env=_child_env(cache_dir), stdout=fo, stderr=fe))
-
-    def wait(self, timeout):
-        """Return codes; on timeout every process is killed. Any failure -> pytest.fail with the stderr tails."""
-        deadline = time.monotonic() + timeout
-        codes = []
-        try:
-            for p in self.procs:
-                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            codes = None
-        finally:
-            for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        if codes is None or any(codes):
-            tails = "\n".join(f"--- process {i} rc={p.returncode} stderr tail ---\n{err.read_text()[-2500:]}"
-                              for i, (p, (_, err)) in enumerate(zip(self.procs, self.logs)))
-            pytest.fail(f"{'timeout' if codes is None else 'non-zero exit'}: {codes}\n{tails}")
-        return codes
-
-    def stdout(self, i=0):
-        return self.logs[i][0].read_text()
 
 
 @pytest.fixture(scope="module")
@@ -99,45 +48,8 @@ def sft_setup(tmp_path_factory):
     return d, flagfile, d / "jax_cache"
 
 
-def _mp_argvs(flagfile, workdir, n, *extra):
-    port = portpicker.pick_unused_port()
-    return [[f"--flagfile={flagfile}", f"--workdir={workdir}", "--distributed", f"--coordinator=127.0.0.1:{port}",
-             f"--num_processes={n}", f"--process_id={i}", *extra] for i in range(n)]
-
-
 def _logged_losses(stdout):
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+)/\d+ loss (\S+)", stdout, re.M)}
-
-
-def _tb_scalars(tb_dir, tag="train/loss"):
-    """{step: value} of one scalar tag from every TensorBoard event file in tb_dir (TFRecord framing, tensorboardX
-    protos: no TensorFlow needed)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    out = {}
-    for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
-        data = open(path, "rb").read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            for v in ev.summary.value:
-                if v.tag == tag:
-                    out[ev.step] = v.simple_value
-    return out
-
-
-def _assert_params_close(a_dir, b_dir, init_dir=None):
-    cfg_a, p_a = load_checkpoint(str(a_dir))
-    cfg_b, p_b = load_checkpoint(str(b_dir))
-    assert cfg_a == cfg_b
-    init = jax.tree.leaves(load_checkpoint(str(init_dir))[1]) if init_dir else [None] * len(jax.tree.leaves(p_a))
-    moved = False
-    for (path, x), y, z in zip(jax.tree.leaves_with_path(p_a), jax.tree.leaves(p_b), init):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=str(path))
-        moved |= z is not None and not np.array_equal(np.asarray(x), np.asarray(z))
-    assert moved or init_dir is None  # training changed the weights (the comparison is not vacuous)
 
 
 @pytest.mark.slow
@@ -146,7 +58,7 @@ def test_two_processes_save_resume_export_match_one_process(sft_setup, tmp_path)
     mp, ref, mp1 = tmp_path / "mp", tmp_path / "ref", tmp_path / "mp_then_1"
     t0 = time.monotonic()
     # A: 2 processes save at step 2 and leave (as a preemption would); the 1-process straight reference runs alongside
-    a = Procs(tmp_path, "a", _mp_argvs(flagfile, mp, 2, "--stop_at=2"), cache)
+    a = Procs(tmp_path, "a", mp_argvs(flagfile, mp, 2, "--stop_at=2"), cache)
     r = Procs(tmp_path, "ref", [[f"--flagfile={flagfile}", f"--workdir={ref}"]], cache)
     a.wait(240)
     r.wait(240)
@@ -160,7 +72,7 @@ def test_two_processes_save_resume_export_match_one_process(sft_setup, tmp_path)
     # B: 2 processes resume from step 2, finish at 4 and export. C (alongside): a copy of A's checkpoint resumed by
     # ONE process (another process count: params resharded by orbax, data position from the 2-process files)
     shutil.copytree(mp / "checkpoints", mp1 / "checkpoints")
-    b = Procs(tmp_path, "b", _mp_argvs(flagfile, mp, 2), cache)
+    b = Procs(tmp_path, "b", mp_argvs(flagfile, mp, 2), cache)
     c = Procs(tmp_path, "c", [[f"--flagfile={flagfile}", f"--workdir={mp1}", "--notensorboard"]], cache)
     b.wait(240)
     c.wait(240)
@@ -179,14 +91,14 @@ def test_two_processes_save_resume_export_match_one_process(sft_setup, tmp_path)
     for s in logged_ref:
         assert abs(logged_mp[s] - logged_ref[s]) <= 1.5e-4, (s, logged_mp[s], logged_ref[s])
         assert abs(logged_mp1[s] - logged_ref[s]) <= 1.5e-4, (s, logged_mp1[s], logged_ref[s])
-    tb_mp, tb_ref = _tb_scalars(str(mp / "tb")), _tb_scalars(str(ref / "tb"))
+    tb_mp, tb_ref = tb_scalars(str(mp / "tb")), tb_scalars(str(ref / "tb"))
     assert sorted(tb_mp) == sorted(tb_ref) == list(range(1, STEPS + 1)), (tb_mp, tb_ref)
     np.testing.assert_allclose([tb_mp[s] for s in sorted(tb_mp)], [tb_ref[s] for s in sorted(tb_ref)], rtol=1e-5)
 
     # exported final params (LoRA merged, gathered from 2 processes) == the 1-process straight run's; the same for
     # the 2 -> 1 process resume
-    _assert_params_close(mp / "final", ref / "final", d / "init")
-    _assert_params_close(mp1 / "final", ref / "final")
+    assert_params_close(mp / "final", ref / "final", d / "init")
+    assert_params_close(mp1 / "final", ref / "final")
 
 
 @pytest.mark.slow
@@ -196,7 +108,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(sft_setup, tmp_path)
     signal is sent before step 1, so the run cannot finish first; the agreed step is then the first one."""
     d, flagfile, cache = sft_setup
     w = tmp_path / "w"
-    p = Procs(tmp_path, "p", _mp_argvs(flagfile, w, 2), cache)
+    p = Procs(tmp_path, "p", mp_argvs(flagfile, w, 2), cache)
     deadline = time.monotonic() + 180
     # "data: ..." is printed after jax.distributed.initialize (whose notifier owns SIGTERM from then on) and before
     # the first step
@@ -217,14 +129,8 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(sft_setup, tmp_path)
 
 # --- launch scripts -------------------------------------------------------------------------------------------------
 
-def _script(name, *args, env=None):
-    e = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "PROJECT", "DLMJAX_REPO")}
-    return subprocess.run(["bash", os.path.join(ROOT, "launch", name), *args], cwd=ROOT, env={**e, **(env or {})},
-                          capture_output=True, text=True, timeout=60)
-
-
 def test_tpu_pod_script_dry_run():
-    r = _script("tpu_pod.sh", "--dry-run", "launch/flags/trims_llada8b.flags", "--init_ckpt=/gcs/x",
+    r = script("tpu_pod.sh", "--dry-run", "launch/flags/trims_llada8b.flags", "--init_ckpt=/gcs/x",
                 env={"TPU_NAME": "my-v5p-64", "ZONE": "us-east5-a"})
     assert r.returncode == 0, r.stderr
     cmd = r.stdout
@@ -232,20 +138,20 @@ def test_tpu_pod_script_dry_run():
     assert "--worker=all" in cmd and "--distributed" in cmd and "--coordinator" not in cmd
     assert "--flagfile=launch/flags/trims_llada8b.flags" in cmd and "--init_ckpt=/gcs/x" in cmd
     assert "DLMJAX_JAX_EXTRA=tpu" in cmd
-    r = _script("tpu_pod.sh", "--dry-run", "launch/flags/trims_llada8b.flags", env={"ZONE": "z"})
+    r = script("tpu_pod.sh", "--dry-run", "launch/flags/trims_llada8b.flags", env={"ZONE": "z"})
     assert r.returncode != 0 and "TPU_NAME" in r.stderr
-    r = _script("tpu_pod.sh", env={"TPU_NAME": "t", "ZONE": "z"})
+    r = script("tpu_pod.sh", env={"TPU_NAME": "t", "ZONE": "z"})
     assert r.returncode != 0 and "usage" in r.stderr.lower()
 
 
 def test_slurm_script_dry_run():
-    r = _script("slurm_gpu.sh", "--dry-run", "launch/flags/llada_mdlm_sft.flags", "--workdir=/scratch/run1")
+    r = script("slurm_gpu.sh", "--dry-run", "launch/flags/llada_mdlm_sft.flags", "--workdir=/scratch/run1")
     assert r.returncode == 0, r.stderr
     cmd = r.stdout
     assert "srun" in cmd and "python -m dlmjax.launch" in cmd and "--distributed" in cmd
     assert "--flagfile=launch/flags/llada_mdlm_sft.flags" in cmd and "--workdir=/scratch/run1" in cmd
     assert "--coordinator" not in cmd
-    r = _script("slurm_gpu.sh", "--dry-run")
+    r = script("slurm_gpu.sh", "--dry-run")
     assert r.returncode != 0 and "usage" in r.stderr.lower()
     sb = open(os.path.join(ROOT, "launch", "slurm_gpu.sh")).read()
     for d in ("#SBATCH --nodes=", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node="):
@@ -305,7 +211,7 @@ def test_recipe_flagfiles_parse(tmp_path):
                 [f"--teacher_ckpt={missing}", f"--student_tokenizer={missing}", f"--out={tmp_path / 'o.jsonl'}"])
         argvs.append([f"--flagfile={path}", f"--data={tmp_path / 'd.jsonl'}", *over])
     r = subprocess.run([sys.executable, "-c", _VALIDATE, json.dumps(argvs)], cwd=ROOT,
-                       env=_child_env(), capture_output=True, text=True, timeout=180)
+                       env=child_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT ", 1)[1])
     got = {os.path.basename(k.split("=", 1)[1]): v for k, v in res.items()}
