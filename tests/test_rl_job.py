@@ -137,3 +137,51 @@ def test_rl_update_on_8_devices_equals_one():
             assert r["rows"][0] > 8, r  # more than one minibatch: the later ones are off-policy
         np.testing.assert_allclose(r["loss8"], r["loss1"], rtol=2e-5, atol=1e-7, err_msg=str(r["case"]))
         assert r["param_rel_diff"] < 2e-5, r
+
+
+@pytest.mark.parametrize("objective,align", [("slim", "response"), ("tracerl", "absolute")])
+def test_bucketed_prompt_width_changes_nothing(objective, align):
+    """The job pads each step's prompts to layout.prompt_width (few distinct shapes, few compiles). Extra left padding
+    must not change the rollouts (the SDAR decoder left-aligns prompts) nor the training rows' log-probs and loss
+    (prompt pads are never keys; positions count real tokens) under either block alignment."""
+    import jax.numpy as jnp
+
+    from dlmjax.decode import api
+    from dlmjax.rl.batch import build_rows, make_batch
+    from dlmjax.rl.job import left_pad
+    from dlmjax.rl.layout import pack_rollouts, prompt_width
+    from dlmjax.rl.objectives import make_rl_objective
+
+    cfg = W.tiny("sdar")
+    params = init_params(cfg, jax.random.key(0))
+    prompts = [s["prompt_ids"] for s in _samples(4, seed=1)]
+    longest = max(map(len, prompts))
+    wide = prompt_width(longest, K) + K  # wider than the bucket too: any extra padding is harmless
+    dc = BlockDecodeConfig(block_size=K, steps=K, max_new_tokens=8, rule="tau_budget", temperature=1.0)
+    outs = []
+    for width in (longest, wide):
+        p, lens = left_pad(prompts, PAD, width)
+        ro = jax.device_get(api.generate(dc, cfg, params, jnp.asarray(p), jnp.asarray(lens), jax.random.key(5)))
+        outs.append(ro)
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[0].step_map, outs[1].step_map)
+    ro = outs[0]
+    resp = [ro.tokens[i, :ro.lengths[i]] for i in range(len(prompts))]
+    sms = [ro.step_map[i, :ro.lengths[i]] for i in range(len(prompts))]
+    rc = RLObjectiveConfig(objective=objective, block_size=K, group_filter="none", head_rows=0, block_align=align)
+    obj = make_rl_objective(cfg, rc)
+    adv = np.asarray([0.5, -1.0, 0.25, 1.0], np.float32)
+    got = []
+    for l0 in (longest, wide):
+        packed = pack_rollouts(prompts, resp, PAD, step_maps=sms, max_gen_length=8, l0=l0)
+        rows = build_rows(rc, packed, cfg.mask_token_id, np.random.default_rng(0))
+        batch = {k: jnp.asarray(v) for k, v in make_batch(packed, rows, adv, 64).items()}
+        lp = np.asarray(obj.logprobs(params, batch))
+        batch["logp_old"] = jnp.asarray(lp - 0.05)  # off-policy, so the ratio and clipping take part
+        loss, _ = obj.loss_fn(params, batch)
+        got.append((lp, float(loss), np.asarray(batch["targets"])))
+    (lp0, loss0, t0), (lp1, loss1, t1) = got
+    np.testing.assert_array_equal(t0, t1)
+    assert t0.any()
+    np.testing.assert_allclose(lp1[t1], lp0[t0], rtol=1e-5, atol=1e-5)
+    assert abs(loss1 - loss0) <= 1e-5 * max(1.0, abs(loss0)), (loss0, loss1)

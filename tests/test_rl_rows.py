@@ -318,3 +318,18 @@ def test_build_rows_dispatch_and_reproducibility():
     assert RLObjectiveConfig().advantage_method == "dr_grpo"
     assert RLObjectiveConfig(objective="tracerl").advantage_method == "z_score"
     assert RLObjectiveConfig(objective="tracerl", level="block").loss_level == "token"
+
+
+def test_prompt_width_buckets():
+    """The step's prompt width: >= the longest prompt, a multiple of K, less than 1/4 + K extra, and few distinct
+    widths over the whole range the recipes allow (784 tokens), so the per-shape programs compile a bounded number
+    of times."""
+    for k in (1, 4, 12, 16):
+        widths = [layout.prompt_width(w, k) for w in range(1, 785)]
+        for w, got in zip(range(1, 785), widths):
+            assert got >= w and got % k == 0, (w, k, got)
+            assert got < 1.25 * (w + k), (w, k, got)
+        assert widths == sorted(widths)
+        assert len(set(widths)) <= 40, (k, len(set(widths)))  # K = 1: 35; K = 4: 27
+    assert layout.prompt_width(12, 4) == 12 and layout.prompt_width(5, 4) == 8 and layout.prompt_width(0, 4) == 0
+    assert layout.prompt_width(200, 4) == 224 and layout.prompt_width(784, 16) == 896

@@ -39,7 +39,7 @@ from dlmjax.rl import advantages as adv_lib
 from dlmjax.rl import value as value_lib
 from dlmjax.rl.batch import build_rows, make_batch, split_minibatches
 from dlmjax.rl.config import RLObjectiveConfig, ValueConfig
-from dlmjax.rl.layout import pack_rollouts
+from dlmjax.rl.layout import pack_rollouts, prompt_width
 from dlmjax.rl.objectives import make_rl_objective
 from dlmjax.train import step as step_lib
 from dlmjax.train.config import LoRAConfig, MeshConfig, OptimConfig, StepConfig
@@ -188,15 +188,16 @@ def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], d
 
     def rollouts(ctx, params, prompt_ids, key):
         """Every row's rollout fields as host arrays, on every process (multi-process: each feeds its block)."""
+        width = prompt_width(max(len(x) for x in prompt_ids), rc.block_size)  # one bucketed width per step
         if jax.process_count() == 1:
-            prompts, lens = left_pad(prompt_ids, pad_id)
+            prompts, lens = left_pad(prompt_ids, pad_id, width)
             ro = decode_api.generate(dc, model_cfg, params, jnp.asarray(prompts), jnp.asarray(lens), key,
                                      mesh=ctx.mesh)
             return jax.device_get({k: getattr(ro, k) for k in ROLLOUT_FIELDS})
         from jax.experimental import multihost_utils
 
         n, rows = len(prompt_ids), mesh_lib.process_rows(ctx.mesh, len(prompt_ids))
-        prompts, lens = left_pad(prompt_ids[rows], pad_id, max(len(x) for x in prompt_ids))  # one global width
+        prompts, lens = left_pad(prompt_ids[rows], pad_id, width)  # one global width
         g = mesh_lib.global_batch(ctx.mesh, {"prompts": prompts, "lens": lens}, rows=n)
         ro = decode_api.generate(dc, model_cfg, params, g["prompts"], g["lens"], key, mesh=ctx.mesh)
         return multihost_utils.process_allgather({k: getattr(ro, k) for k in ROLLOUT_FIELDS}, tiled=True)
@@ -253,7 +254,8 @@ def make_rl_job(run: RLRunConfig, model_cfg: ModelConfig, samples: list[dict], d
             sel = np.flatnonzero(kept)
             packed = pack_rollouts([group[i]["prompt_ids"] for i in sel], [responses[i] for i in sel], pad_id,
                                    step_maps=[step_map[i, :lengths[i]] for i in sel],
-                                   max_gen_length=dc.max_new_tokens)
+                                   max_gen_length=dc.max_new_tokens,
+                                   l0=prompt_width(max(len(group[i]["prompt_ids"]) for i in sel), rc.block_size))
             rows = build_rows(rc, packed, model_cfg.mask_token_id, np.random.default_rng([run.step.seed, step]))
             rows_now = len(rows)
         if rows_now:

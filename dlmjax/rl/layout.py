@@ -97,6 +97,20 @@ def pack_rollouts(prompts: Sequence, responses: Sequence, pad_id: int, step_maps
     return Packed(prompt, valid, response, length, steps, int(pad_id))
 
 
+def prompt_width(longest: int, k: int) -> int:
+    """The prompt width L0 an outer step uses: the longest prompt's K-block count n rounded up to a multiple of
+    2^(b - 3), b = n.bit_length(), times K (monotone; less than 1/4 extra plus K). Every step's rollout, old-policy
+    and update programs are compiled per (L0, L1); exact widths would recompile them at nearly every step, these
+    buckets bound the count to ~4 per octave (27 widths up to 784 tokens at K = 4). Extra left padding changes nothing: prompt
+    pads are never keys, positions count real tokens only, prompt blocks are end-aligned (and absolute blocks use
+    positions), and the SDAR decoder left-aligns the prompt."""
+    if longest < 0 or k < 1:
+        raise ValueError(f"prompt_width: longest={longest}, k={k}")
+    n = -(-longest // k)  # K-blocks
+    g = 1 << max(n.bit_length() - 3, 0)  # round the block count up to a multiple of 2^(b - 3): 4 buckets per octave
+    return -(-n // g) * g * k
+
+
 def block_offsets(prompt_valid, k: int, align: str = "response"):
     """[n] int: where response position 0 sits inside its K-block. 0 for "response" alignment, P mod K for
     "absolute" (P = real prompt tokens of the row)."""
