@@ -24,7 +24,18 @@ SFT_ARGS = ("--job=sft", "--train_steps=6", "--batch_size=8", "--max_length=16",
 
 # What orbax's threads may print when a save fails (its asyncio loop closes before tensorstore's last callbacks):
 # third-party noise printed from C++ callbacks in other threads, timing-dependent, never from our code path.
-_LOOP_CLOSED = re.compile(r"Traceback \(most recent call last\):\n(?:  .*\n)*?RuntimeError: Event loop is closed\n?")
+# The pieces of tensorstore's `Event loop is closed` reports (asyncio frames only). Two threads may print them
+# interleaved, even mid-line, and the exit after the error line may cut one short, so they are removed piece by
+# piece, traceback headers included; a genuine traceback still shows its frames ('File "...') and exception line.
+_LOOP_PIECES = re.compile(r'File "[^"]*asyncio/base_events\.py", line \d+, in \w+|self\._check_closed\(\)'
+                          r"|raise RuntimeError\('Event loop is closed'\)|RuntimeError: Event loop is closed"
+                          r"|Traceback \(most recent call last\):")
+_EXC_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Interrupt|Exit)\b.*:", re.M)
+
+
+def _strip_loop_closed(stderr: str) -> str:
+    """stderr without the loop-closed reports (see _LOOP_PIECES)."""
+    return _LOOP_PIECES.sub("", stderr)
 
 
 def _one_error(r, *names, orbax_noise=False) -> str:
@@ -32,8 +43,9 @@ def _one_error(r, *names, orbax_noise=False) -> str:
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     errs = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(errs) == 1, r.stderr[-3000:]
-    rest = _LOOP_CLOSED.sub("", r.stderr) if orbax_noise else r.stderr
-    assert "Traceback" not in rest, r.stderr[-3000:]
+    rest = _strip_loop_closed(r.stderr) if orbax_noise else r.stderr
+    assert "Traceback" not in rest and 'File "' not in rest, r.stderr[-3000:]
+    assert not _EXC_LINE.search("\n".join(x for x in rest.splitlines() if not x.startswith("error:"))), r.stderr[-3000:]
     for n in names:
         assert str(n) in errs[0], (n, errs[0])
     return errs[0]
